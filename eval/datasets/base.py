@@ -1,0 +1,256 @@
+"""Shared loading, preprocessing and error handling for the file-based benchmark datasets.
+
+Preprocessing follows the official DiffSeg benchmark (github google/diffseg,
+``data/coco/coco_data.py`` and ``data/cityscapes/cityscapes_data.py``, ``process_image``):
+centre crop to a square of side ``c = min(h, w)`` at offsets ``((h - c) // 2, (w - c) // 2)``,
+then ``tf.image.resize`` to ``resolution``: bilinear with half-pixel centres and no antialiasing
+for the image (torch ``interpolate(mode="bilinear", align_corners=False, antialias=False)``), and
+nearest neighbour with half-pixel centres for the label (TF2 picks source index
+``floor((i + 0.5) * in / out)``, which is torch's ``nearest-exact``, not ``nearest``).  The official
+code feeds the model ``x / 127.5 - 1``; items here carry the same image as ``x / 255`` in [0, 1].
+Images are decoded with Pillow (libjpeg); TF's ``decode_jpeg`` may differ by a grey level on some
+pixels, nothing else differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+IGNORE = -1
+# Marks label values that the dataset's convention does not define (an error, never a class).
+_UNDEFINED = -2
+ON_ERROR = ("raise", "skip")
+
+
+class SplitSizeWarning(UserWarning):
+    """The number of images found differs from the published size of the split."""
+
+
+class DataFileError(ValueError):
+    """A data file is missing, unreadable or inconsistent with its pair."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image/label file pair; ``id`` is stable across runs (the file stem)."""
+
+    id: str
+    image: Path
+    label: Path
+
+
+def label_lut(mapping: Mapping[int, int], ignore: Sequence[int] = (), default: int = _UNDEFINED):
+    """A 256-entry lookup table for 8-bit label PNGs: ``mapping`` values, ``IGNORE`` for the
+    ``ignore`` ids and ``default`` (undefined, an error) for every other value."""
+    lut = np.full(256, default, dtype=np.int64)
+    for value in ignore:
+        lut[value] = IGNORE
+    for value, cls in mapping.items():
+        lut[value] = cls
+    return lut
+
+
+def center_crop(x: torch.Tensor) -> torch.Tensor:
+    """Square centre crop of ``(..., H, W)`` with offsets ``(H - c) // 2``, ``(W - c) // 2``."""
+    h, w = x.shape[-2:]
+    c = min(h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    return x[..., top : top + c, left : left + c]
+
+
+def resize_image(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize of ``(3, H, W)`` float to ``(3, size, size)`` with half-pixel centres."""
+    out = F.interpolate(
+        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
+    )
+    return out[0]
+
+
+def resize_label(label: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest resize of ``(H, W)`` int64 to ``(size, size)`` with half-pixel centres (TF2)."""
+    # Class ids and -1 are exact in float32, so the round trip through float is lossless.
+    out = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest-exact")
+    return out[0, 0].long()
+
+
+def preprocess(
+    image: np.ndarray,
+    label: np.ndarray,
+    resolution: int,
+    antialias: bool = False,
+    keep_size: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(H, W, 3)`` image and int64 ``(H, W)`` label -> float ``(3, R, R)`` in [0, 1] and
+    int64 ``(R, R)`` (or the original ``H, W`` with ``keep_size``)."""
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    lab = torch.from_numpy(label)
+    if keep_size:
+        return img, lab
+    img, lab = center_crop(img), center_crop(lab)
+    return resize_image(img, resolution, antialias).clamp_(0.0, 1.0), resize_label(lab, resolution)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)``; raises :class:`DataFileError` naming the file when unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataFileError(f"cannot read image {path}: {e}") from e
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Raw label values ``(H, W)`` of a single-channel (grey or palette) PNG.
+
+    For palette ("P") PNGs such as VOC's the raw values are the palette indices, which are the
+    class ids; converting to RGB would lose them.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise DataFileError(
+                    f"label {path} has PIL mode {im.mode!r}; expected an 8-bit grey ('L') or "
+                    "palette ('P') PNG with class ids as pixel values (was it converted to colour?)"
+                )
+            return np.array(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, DataFileError):
+            raise
+        raise DataFileError(f"cannot read label {path}: {e}") from e
+
+
+def missing_root_error(name: str, root: Path, layout: str) -> FileNotFoundError:
+    """The error for an absent dataset: what should be there and the command that puts it there."""
+    return FileNotFoundError(
+        f"{name}: dataset not found at {root}. Expected layout:\n{layout}\n"
+        f"Get it with: python -m eval.prepare dataset={name} dataset.root={root}"
+    )
+
+
+class SegmentationFiles(Dataset):
+    """Image/label file pairs with a per-dataset label mapping.
+
+    Items: ``{"image": float (3, R, R) in [0, 1], "label": int64 (R, R) with 0..C-1 and -1
+    ignored, "id": str}``.  With ``on_error="skip"`` a bad pair yields ``None`` and a warning
+    instead of an exception (use :func:`collate` to drop it and count it); pairs already known to
+    be broken when the index is built are dropped with a warning and counted in ``skipped``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        samples: Sequence[Sample],
+        lut: np.ndarray,
+        class_names: Sequence[str],
+        resolution: int = 512,
+        antialias: bool = False,
+        keep_size: bool = False,
+        on_error: str = "raise",
+        expected_size: int | None = None,
+        skipped: int = 0,
+    ) -> None:
+        check_on_error(on_error)
+        if not keep_size and (not isinstance(resolution, int) or resolution < 1):
+            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        self.name = name
+        self.samples = list(samples)
+        self.lut = lut
+        self.class_names = list(class_names)
+        self.n_class = len(self.class_names)
+        self.resolution = resolution
+        self.antialias = antialias
+        self.keep_size = keep_size
+        self.on_error = on_error
+        self.skipped = skipped
+        if expected_size is not None and len(self.samples) + skipped != expected_size:
+            warnings.warn(
+                f"{name}: found {len(self.samples) + skipped} images, the published split has "
+                f"{expected_size}; results will not be comparable with published numbers",
+                SplitSizeWarning,
+                stacklevel=3,
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> dict:
+        """The item, raising :class:`DataFileError` for a bad pair whatever ``on_error`` says."""
+        s = self.samples[index]
+        image = read_image(s.image)
+        raw = read_label(s.label)
+        if raw.shape != image.shape[:2]:
+            raise DataFileError(
+                f"image {s.image} is {image.shape[1]}x{image.shape[0]} but label {s.label} is "
+                f"{raw.shape[1]}x{raw.shape[0]} (width x height); they must match"
+            )
+        label = self.lut[raw]
+        if (label == _UNDEFINED).any():
+            bad = np.unique(raw[label == _UNDEFINED]).tolist()
+            raise DataFileError(
+                f"label {s.label} contains values {bad} that the {self.name} convention does not "
+                "define (is this the right dataset or annotation version?)"
+            )
+        img, lab = preprocess(image, label, self.resolution, self.antialias, self.keep_size)
+        return {"image": img, "label": lab, "id": s.id}
+
+    def __getitem__(self, index: int) -> dict | None:
+        if self.on_error == "raise":
+            return self.load(index)
+        try:
+            return self.load(index)
+        except DataFileError as e:
+            self.skipped += 1
+            warnings.warn(f"skipped: {e}", stacklevel=2)
+            return None
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def index_pairs(name: str, candidates: Iterable[Sample], on_error: str) -> tuple[list[Sample], int]:
+    """Keep the pairs whose two files exist; the others are one error naming them all, or (with
+    ``on_error="skip"``) a warning each and a count."""
+    check_on_error(on_error)
+    samples, problems = [], []
+    for s in candidates:
+        missing = [str(p) for p in (s.image, s.label) if not p.is_file()]
+        if missing:
+            problems.append(f"{s.id}: missing {' and '.join(missing)}")
+        else:
+            samples.append(s)
+    if not problems:
+        return samples, 0
+    if on_error == "raise":
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataFileError(
+            f"{name}: {len(problems)} broken image/label pairs:\n  {shown}{more}\n"
+            "Fix the files or pass dataset.on_error=skip to leave them out (counted in the summary)"
+        )
+    for p in problems:
+        warnings.warn(f"{name}: skipped {p}", stacklevel=3)
+    return samples, len(problems)
+
+
+def collate(batch: Sequence[dict | None]) -> dict:
+    """``default_collate`` that drops the ``None`` items of ``on_error="skip"`` and reports how
+    many it dropped as ``n_skipped`` (worker processes cannot update the dataset's counter).
+    With ``keep_size`` images differ in size, so use ``batch_size=1`` there."""
+    items = [b for b in batch if b is not None]
+    n_skipped = len(batch) - len(items)
+    if not items:
+        return {"image": None, "label": None, "id": [], "n_skipped": n_skipped}
+    out = default_collate(items)
+    out["n_skipped"] = n_skipped
+    return out

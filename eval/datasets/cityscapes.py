@@ -1,0 +1,50 @@
+"""Cityscapes-27 (Cordts et al., CVPR 2016) as evaluated by DiffSeg, STEGO and PiCIE.
+
+Layout: ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` with
+``gtFine/<split>/<city>/<stem>_gtFine_labelIds.png`` (8-bit grey ``labelIds``).  labelIds 7..33
+(road ... bicycle) become classes 0..26; every other value (0..6 void classes, 255) is ignored,
+exactly the official ``get_fine_to_coarse`` in ``data/cityscapes/cityscapes_data.py`` (and STEGO's
+``target - 7``, negatives ignored).  The val split has 500 images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.datasets.base import Sample, SegmentationFiles, index_pairs, label_lut, missing_root_error
+from eval.datasets.classes import CITYSCAPES27_CLASSES
+
+FIRST_ID = 7
+SPLIT_SIZES = {"train": 2975, "val": 500, "test": 1525}
+LAYOUT = """  ROOT/leftImg8bit/val/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+  ROOT/gtFine/val/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png   (8-bit grey labelIds)"""
+
+
+def lut():
+    """labelId 7..33 -> 0..26; every other 8-bit value -> ignore (none is an error)."""
+    mapping = {FIRST_ID + k: k for k in range(len(CITYSCAPES27_CLASSES))}
+    return label_lut(mapping, default=-1)
+
+
+def cityscapes(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
+    """Cityscapes with 27 classes; see the module docstring for the conventions."""
+    root = Path(root)
+    images = root / "leftImg8bit" / split
+    if not images.is_dir():
+        raise missing_root_error("cityscapes", root, LAYOUT)
+    candidates = []
+    for path in sorted(images.glob("*/*_leftImg8bit.png")):
+        stem = path.name[: -len("_leftImg8bit.png")]
+        label = root / "gtFine" / split / path.parent.name / f"{stem}_gtFine_labelIds.png"
+        candidates.append(Sample(stem, path, label))
+    samples, skipped = index_pairs("cityscapes", candidates, on_error)
+    return SegmentationFiles(
+        "cityscapes",
+        samples,
+        lut(),
+        CITYSCAPES27_CLASSES,
+        on_error=on_error,
+        expected_size=SPLIT_SIZES.get(split),
+        skipped=skipped,
+        **kwargs,
+    )

@@ -1,0 +1,112 @@
+"""PASCAL VOC 2012 segmentation (21 classes) and Pascal Context 59: id-list datasets under
+``VOCdevkit``.
+
+* ``voc``: ``VOCdevkit/VOC2012/JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
+  PNGs whose palette indices are the class ids: 0 background, 1..20 objects, 255 the object
+  boundaries, ignored), ids from ``ImageSets/Segmentation/<split>.txt`` (val: 1,449).
+* ``pascal_context59`` (Mottaghi et al., CVPR 2014): ``VOCdevkit/VOC2010/JPEGImages/<id>.jpg``,
+  ``SegmentationClassContext/<id>.png`` (8-bit maps, 0 background, 1..59 the 59 most frequent
+  classes, as written by mmseg's ``tools/dataset_converters/pascal_context.py``), ids from
+  ``ImageSets/SegmentationContext/<split>.txt`` (val: 5,105).  As mmseg's
+  ``PascalContextDataset59`` with ``reduce_zero_label=True`` (the 59-class benchmark DiffCut and
+  others report): 0 -> ignore, 1..59 -> 0..58, 255 -> ignore.
+
+Other label values are an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.datasets.base import Sample, SegmentationFiles, index_pairs, label_lut, missing_root_error
+from eval.datasets.classes import PASCAL_CONTEXT59_CLASSES, VOC_CLASSES
+
+VOC_SIZES = {"val": 1449, "train": 1464}
+CONTEXT_SIZES = {"val": 5105, "train": 4996}
+VOC_LAYOUT = """  ROOT/VOCdevkit/VOC2012/JPEGImages/<id>.jpg
+  ROOT/VOCdevkit/VOC2012/SegmentationClass/<id>.png   (palette PNG, index = class id, 255)
+  ROOT/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"""
+CONTEXT_LAYOUT = """  ROOT/VOCdevkit/VOC2010/JPEGImages/<id>.jpg
+  ROOT/VOCdevkit/VOC2010/SegmentationClassContext/<id>.png   (8-bit, 0 background, 1..59)
+  ROOT/VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt"""
+
+
+def voc_lut():
+    return label_lut({c: c for c in range(len(VOC_CLASSES))}, ignore=[255])
+
+
+def context_lut():
+    return label_lut({v: v - 1 for v in range(1, 60)}, ignore=[0, 255])
+
+
+def _id_list_dataset(
+    name, base, root, labels, split_file, layout, lut, classes, sizes, split, on_error, **kwargs
+) -> SegmentationFiles:
+    ids_path = base / split_file.format(split=split)
+    if not (base / "JPEGImages").is_dir():
+        raise missing_root_error(name, root, layout)
+    if not ids_path.is_file():
+        raise FileNotFoundError(
+            f"{name}: split list {ids_path} not found (split={split!r}). Expected layout:\n{layout}"
+        )
+    ids = [line.split()[0] for line in ids_path.read_text().splitlines() if line.strip()]
+    candidates = [
+        Sample(i, base / "JPEGImages" / f"{i}.jpg", base / labels / f"{i}.png") for i in ids
+    ]
+    samples, skipped = index_pairs(name, candidates, on_error)
+    return SegmentationFiles(
+        name,
+        samples,
+        lut,
+        classes,
+        on_error=on_error,
+        expected_size=sizes.get(split),
+        skipped=skipped,
+        **kwargs,
+    )
+
+
+def _devkit(root: Path, year: str) -> Path:
+    """Accept ROOT (holding VOCdevkit), ROOT = VOCdevkit, or ROOT = VOC<year>."""
+    for base in (root / "VOCdevkit" / year, root / year, root):
+        if (base / "JPEGImages").is_dir():
+            return base
+    return root / "VOCdevkit" / year
+
+
+def voc(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
+    """PASCAL VOC 2012, 21 classes; see the module docstring for the conventions."""
+    root = Path(root)
+    return _id_list_dataset(
+        "voc",
+        _devkit(root, "VOC2012"),
+        root,
+        "SegmentationClass",
+        "ImageSets/Segmentation/{split}.txt",
+        VOC_LAYOUT,
+        voc_lut(),
+        VOC_CLASSES,
+        VOC_SIZES,
+        split,
+        on_error,
+        **kwargs,
+    )
+
+
+def pascal_context59(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
+    """Pascal Context, 59 classes; see the module docstring for the conventions."""
+    root = Path(root)
+    return _id_list_dataset(
+        "pascal_context59",
+        _devkit(root, "VOC2010"),
+        root,
+        "SegmentationClassContext",
+        "ImageSets/SegmentationContext/{split}.txt",
+        CONTEXT_LAYOUT,
+        context_lut(),
+        PASCAL_CONTEXT59_CLASSES,
+        CONTEXT_SIZES,
+        split,
+        on_error,
+        **kwargs,
+    )
