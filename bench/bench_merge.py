@@ -1,0 +1,143 @@
+"""Benchmark DiffSeg merging: `segment_attention` versus the direct elementwise reference.
+
+One (1, 64, 64, 64, 64) aggregated map built from peaked synthetic attention at 4 resolutions,
+16x16 anchors, 3 merging iterations. Each method runs in a fresh subprocess that loads the saved
+input, so its peak resident memory (`ru_maxrss`: the whole process, Python and torch included) is
+its own; on CUDA the peak is `torch.cuda.max_memory_allocated`. Labels are compared exactly.
+
+    .venv/bin/python bench/bench_merge.py [--device cuda] [--ref-dtype float64] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diffseg.aggregate import aggregate_attention
+from diffseg.kl import kl_matrix
+from diffseg.merge import sampling_grid, segment_attention
+from diffseg.reference import realistic_attention, reference_segment
+
+THRESHOLDS = (1.1, 1.1, 1.1)
+FLIP_THRESHOLDS = (0.5, 0.9, 1.1, 1.5)
+
+
+def _child(method: str, path: str, device: str, ref_dtype: str, repeat: int) -> None:
+    """Run one method on the saved input and print a JSON line with time and peak memory."""
+    aggregated = torch.load(path).to(device)
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if method == "fast":
+            labels = segment_attention(aggregated, THRESHOLDS, num_points=16)[0]
+        else:
+            dtype = getattr(torch, ref_dtype)
+            labels = reference_segment(aggregated[0], THRESHOLDS, num_points=16, dtype=dtype)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    torch.save(labels.cpu(), f"{path}.{method}.labels")
+    print(json.dumps({"seconds": sorted(times)[len(times) // 2], "peak_mib": peak_mib}))
+
+
+def _run(method: str, path: str, args: argparse.Namespace, repeat: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, "--input", path]
+    cmd += ["--device", args.device, "--ref-dtype", args.ref_dtype, "--repeat", str(repeat)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cpu_name() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ref-dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the fast path (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.input, args.device, args.ref_dtype, args.repeat)
+        return
+
+    aggregated = aggregate_attention(realistic_attention(batch=1, size=64, seed=args.seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "aggregated.pt")
+        torch.save(aggregated, path)
+        fast = _run("fast", path, args, args.repeat)
+        ref = _run("reference", path, args, 1)
+        fast_labels = torch.load(f"{path}.fast.labels")
+        ref_labels = torch.load(f"{path}.reference.labels")
+
+    maps = aggregated[0].reshape(-1, 64, 64)
+    grid = sampling_grid(16, 64)
+    anchors = maps[grid[:, 0] * 64 + grid[:, 1]]
+    kl_seconds = {}
+    kl = {}
+    for dtype in (torch.float64, torch.float32):
+        start = time.perf_counter()
+        kl[dtype] = kl_matrix(anchors, maps, dtype=dtype)
+        kl_seconds[dtype] = time.perf_counter() - start
+    flips = {
+        t: int(((kl[torch.float32] < t) != (kl[torch.float64] < t)).sum()) for t in FLIP_THRESHOLDS
+    }
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    threads = torch.get_num_threads()
+    same = torch.equal(fast_labels, ref_labels)
+    print(f"device: {args.device} ({device}), torch {torch.__version__}, {threads} threads")
+    print("input: 1 x 64^4 aggregated attention, 16x16 anchors, kl_threshold (1.1, 1.1, 1.1)")
+    print()
+    print("| method | time (s) | peak memory (MiB) | speed-up | labels identical | segments |")
+    print("|---|---|---|---|---|---|")
+    mem = "CUDA max allocated" if args.device == "cuda" else "process max RSS"
+    rows = [
+        ("segment_attention (matrix KL, float64)", fast, fast_labels),
+        (f"reference (elementwise KL, {args.ref_dtype})", ref, ref_labels),
+    ]
+    for name, result, labels in rows:
+        ratio = ref["seconds"] / result["seconds"]
+        print(
+            f"| {name} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | {ratio:.1f}x "
+            f"| {same} | {len(labels.unique())} |"
+        )
+    print()
+    print(f"peak memory = {mem}; fast time = median of {args.repeat} runs, reference = 1 run")
+    print(
+        f"iteration-1 threshold decisions (of {kl[torch.float64].numel()}) where float32 matrix "
+        f"KL differs from float64, per threshold: {flips}"
+    )
+    print(
+        f"iteration-1 matrix KL time: float64 {kl_seconds[torch.float64]:.2f} s, "
+        f"float32 {kl_seconds[torch.float32]:.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Tests for diffseg.merge: grid, iterative merging, K-means refinement, labels."""
+
+import pytest
+import torch
+
+from diffseg.aggregate import aggregate_attention
+from diffseg.kl import kl_direct
+from diffseg.merge import (
+    _later_merge,
+    kmeans_refine,
+    merge_attention,
+    proposals_to_labels,
+    sampling_grid,
+    segment_attention,
+)
+from diffseg.reference import realistic_attention, reference_grid, reference_segment
+
+
+def _quadrant_attention(size: int = 8) -> torch.Tensor:
+    """(1, S, S, S, S) and (S, S) quadrant ids: each query attends to its own quadrant (+ a floor)."""
+    half = size // 2
+    quadrant = torch.zeros(size, size, dtype=torch.long)
+    quadrant[:half, half:] = 1
+    quadrant[half:, :half] = 2
+    quadrant[half:, half:] = 3
+    maps = (quadrant[:, :, None, None] == quadrant[None, None]).double() + 1e-3
+    return (maps / maps.sum((-2, -1), keepdim=True))[None], quadrant
+
+
+@pytest.mark.parametrize(
+    ("num_points", "size", "coords"),
+    [
+        (16, 64, list(range(1, 62, 4))),
+        (2, 64, [0, 63]),
+        (3, 8, [0, 3, 6]),
+        (5, 16, [1, 4, 7, 10, 13]),
+        (8, 8, list(range(8))),
+    ],
+)
+def test_sampling_grid_known_values(num_points, size, coords):
+    grid = sampling_grid(num_points, size)
+    expected = torch.tensor([[r, c] for r in coords for c in coords])
+    assert torch.equal(grid, expected)
+    assert torch.equal(grid, torch.from_numpy(reference_grid(num_points, size)))
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "quadrant_labels"),
+    [
+        # One iteration keeps all 16 anchors' (identical per quadrant) proposals: the argmax tie
+        # goes to each quadrant's first anchor, 0, 2, 8, 10 on the 4x4 row-major grid.
+        ((1.1,), [0, 2, 8, 10]),
+        ((1.1, 1.1), [0, 1, 2, 3]),
+        ((0.5, 0.5, 0.5, 0.5), [0, 1, 2, 3]),
+    ],
+)
+def test_quadrants_give_exactly_four_segments(thresholds, quadrant_labels):
+    aggregated, quadrant = _quadrant_attention(8)
+    labels = segment_attention(aggregated, thresholds, num_points=4)
+    assert labels.shape == (1, 64, 64)
+    expected = torch.tensor(quadrant_labels)[quadrant]
+    expected = expected.repeat_interleave(8, 0).repeat_interleave(8, 1)
+    assert torch.equal(labels[0], expected)
+    assert len(merge_attention(aggregated, thresholds, num_points=4)[0]) == (
+        16 if len(thresholds) == 1 else 4
+    )
+
+
+def test_later_iteration_merges_with_already_matched_proposals():
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    p = torch.stack([(logits + torch.tensor([a, 0, 0, 0])).softmax(0) for a in (0.0, 1.5, 3.0)])
+    kl = kl_direct(p[:, None].reshape(3, 1, 2, 2), p.reshape(1, 3, 2, 2))
+    threshold = (max(kl[0, 1], kl[1, 2]) + kl[0, 2]).item() / 2
+    assert kl[0, 1] < threshold < kl[0, 2] and kl[1, 2] < threshold
+    merged = _later_merge(p, threshold)
+    # Anchor 0 takes {0, 1}; 1 is then matched; anchor 2 takes {1, 2}: 1 again.
+    expected = torch.stack([p[[0, 1]].mean(0), p[[1, 2]].mean(0)])
+    torch.testing.assert_close(merged, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("thresholds", [(1.1, 1.1, 1.1), (0.7, 1.0), (1.5,)])
+def test_labels_equal_reference_on_realistic_attention(seed, thresholds):
+    aggregated = aggregate_attention(realistic_attention(batch=2, size=16, seed=seed))
+    labels = segment_attention(aggregated, thresholds, num_points=8)
+    for b in range(2):
+        expected = reference_segment(aggregated[b], thresholds, num_points=8)
+        assert torch.equal(labels[b], expected)
+    assert labels.max() > 0  # more than one segment: the comparison is not vacuous
+
+
+def test_labels_equal_reference_at_s32():
+    aggregated = aggregate_attention(realistic_attention(size=32, seed=4))
+    labels = segment_attention(aggregated, num_points=8)
+    assert labels.shape == (1, 256, 256)
+    assert torch.equal(labels[0], reference_segment(aggregated[0], (1.1, 1.1, 1.1), num_points=8))
+    assert labels.max() > 0
+    proposals = merge_attention(aggregated, num_points=8)[0]
+    assert segment_attention(aggregated, num_points=8, out_size=(64, 48)).shape == (1, 64, 48)
+    assert torch.equal(
+        segment_attention(aggregated, num_points=8, out_size=(64, 48))[0],
+        proposals_to_labels(proposals, (64, 48)),
+    )
+
+
+def test_proposals_to_labels_hand_example():
+    # Two 2x2 proposals; upsampled x2 (half-pixel), the argmax boundary sits in the middle.
+    p = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    labels = proposals_to_labels(p, 4)
+    assert torch.equal(labels, torch.tensor([[0, 0, 1, 1]] * 4))
+    # Ties go to the first proposal.
+    assert torch.equal(
+        proposals_to_labels(torch.ones(3, 2, 2), (2, 3)), torch.zeros(2, 3, dtype=torch.long)
+    )
+
+
+def test_kmeans_refine_keeps_or_lowers_inertia_and_is_a_fixed_point():
+    aggregated = aggregate_attention(realistic_attention(size=16, seed=5))
+    maps = aggregated[0].reshape(256, 256).double()
+    init = merge_attention(aggregated, num_points=8)[0].reshape(-1, 256)
+    init_inertia = torch.cdist(maps, init).pow(2).min(dim=1).values.sum().item()
+    centres, labels, inertia = kmeans_refine(maps, init)
+    assert inertia <= init_inertia + 1e-12
+    torch.testing.assert_close(
+        centres, torch.stack([maps[labels == k].mean(0) for k in range(len(centres))])
+    )
+    assert torch.equal(torch.cdist(maps, centres).argmin(dim=1), labels)
+    refined = segment_attention(aggregated, num_points=8, refine=True)
+    assert refined.shape == (1, 128, 128) and refined.min() >= 0 and refined.max() < len(centres)
+
+
+def test_kmeans_empty_cluster_is_dropped():
+    maps = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]], dtype=torch.float64)
+    init = torch.tensor([[0.0, 0.0], [100.0, 100.0], [5.0, 5.0]], dtype=torch.float64)
+    centres, labels, inertia = kmeans_refine(maps, init)
+    # The far centre never wins a point, keeps its place while empty and is dropped at the end.
+    torch.testing.assert_close(
+        centres, torch.tensor([[0.05, 0.0], [5.05, 5.0]], dtype=torch.float64)
+    )
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert inertia == pytest.approx(4 * 0.05**2)
+
+
+@pytest.mark.parametrize(
+    ("aggregated", "kwargs", "match"),
+    [
+        (torch.rand(4, 4, 4, 4), {}, r"\(B, S, S, S, S\)"),
+        (torch.rand(1, 4, 4, 4, 5), {}, r"\(B, S, S, S, S\)"),
+        (torch.full((1, 4, 4, 4, 4), float("nan")), {}, "non-finite"),
+        (-torch.rand(1, 4, 4, 4, 4), {}, "negative"),
+        (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": (1.1, 0.0)}, "positive"),
+        (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": (-1.0,)}, "positive"),
+        (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": ()}, "at least one"),
+        (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": 1.1}, "sequence"),
+        (torch.rand(1, 4, 4, 4, 4), {"num_points": 1}, "num_points"),
+        (torch.rand(1, 4, 4, 4, 4), {"num_points": 5}, r"num_points must be an int in \[2, S=4\]"),
+        (torch.rand(1, 4, 4, 4, 4), {"out_size": 0}, "out_size"),
+    ],
+)
+def test_bad_input(aggregated, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        segment_attention(aggregated, **kwargs)
