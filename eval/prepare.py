@@ -1,6 +1,6 @@
 """Get a benchmark dataset into the layout its loader reads.
 
-    python -m eval.prepare dataset=NAME [dataset.root=PATH]
+    python -m eval.prepare dataset=NAME [dataset.root=PATH] [cache=true]
 
 Composes the same Hydra config as ``python -m eval`` (``conf/config.yaml``), then for each entry of
 ``dataset.sources`` (``conf/dataset/NAME.yaml``, the one registry of URLs, sizes and checksums):
@@ -9,7 +9,8 @@ recorded size and md5/sha256), extracts it (or, for a plain file, copies it to `
 writes a marker under ``ROOT/.prepared/`` so that a second run does nothing.  Sources marked
 ``manual`` (Cityscapes needs a login) are never downloaded: the exact steps are printed and the
 files the user put in ``ROOT`` (or ``ROOT/downloads``) are verified and extracted.  Finally the
-loader indexes the split and the image count is reported.
+loader indexes the split and the image count is reported; with ``cache=true`` (short for
+``dataset.cache=true``) the preprocessed Arrow cache of ``eval.datasets.cache`` is built as well.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def prepare(
         raise ValueError(f"{name}: dataset.root is not set; pass dataset.root=PATH")
     root = Path(dataset["root"]).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    for src in dataset.get("sources") or []:
+    # A Parquet/hub source replaces the files: nothing to download.
+    for src in [] if dataset.get("source") else dataset.get("sources") or []:
         file = src["file"]
         if _marker(root, file).exists():
             echo(f"{file}: already prepared")
@@ -111,6 +113,8 @@ def prepare(
         echo(f"warning: {w.message}")
     report.n_images = len(data)
     echo(f"{name} ({options.get('split')}): {len(data)} images ready in {root}")
+    if options.get("cache"):
+        echo(f"{name}: preprocessed cache ready under {root / '.cache'}")
     return report
 
 
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"arguments must be key=value Hydra overrides, got {bad}", file=sys.stderr)
         return 2
+    # `cache=true` is short for dataset.cache=true: build the preprocessed cache too.
+    argv = [f"dataset.{a}" if a.split("=")[0] == "cache" else a for a in argv]
     cfg = compose_config(argv)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     try:

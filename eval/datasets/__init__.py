@@ -8,6 +8,7 @@ with classes ``0..C-1`` and -1 ignored, ``id`` str, and has ``class_names``, ``n
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from torch.utils.data import Dataset
 
@@ -31,10 +32,19 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 PREPARE_KEYS = ("name", "sources", "manual_steps")
 FILE_OPTIONS = ("on_error", "antialias", "keep_size")
 SYNTHETIC_OPTIONS = ("length", "seed", "n_class", "regions", "noise", "texture", "on_error")
+# Keys every dataset accepts: the preprocessed cache (eval/datasets/cache.py) and Parquet/hub
+# sources (eval/datasets/sources.py).
+CACHE_OPTIONS = ("cache", "cache_dtype", "source", "columns")
 
 
 def get_dataset(
-    name: str, root=None, split: str | None = "val", resolution: int = 512, **options
+    name: str,
+    root=None,
+    split: str | None = "val",
+    resolution: int = 512,
+    cache: bool = False,
+    source: str | None = None,
+    **options,
 ) -> Dataset:
     """Build dataset ``name`` from ``root``.
 
@@ -43,18 +53,38 @@ def get_dataset(
     ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead.  Keys only
     ``eval.prepare`` uses (``sources``, ``manual_steps``) are accepted and ignored, so a whole
     ``cfg.dataset`` minus ``kl_threshold`` can be passed.
+
+    ``cache=True`` reads the preprocessed Arrow cache under ``ROOT/.cache`` (built first when
+    absent or stale; ``cache_dtype`` "float32" exact or "uint8"); ``source="parquet:GLOB"`` or
+    ``"hf:REPO_ID"`` reads the pairs from a table instead of the files, ``columns`` mapping its
+    column names (see ``eval.datasets.cache`` and ``eval.datasets.sources``).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     options = {k: v for k, v in options.items() if k not in PREPARE_KEYS}
+    cache_dtype = options.pop("cache_dtype", "float32")
+    columns = options.pop("columns", None)
     allowed = SYNTHETIC_OPTIONS if name == "synthetic" else FILE_OPTIONS
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"{name}: unknown dataset options {unknown}; accepted: {list(allowed)}")
-    if name != "synthetic" and root is None:
+        allowed = [*allowed, *CACHE_OPTIONS]
+        raise ValueError(f"{name}: unknown dataset options {unknown}; accepted: {allowed}")
+    if name != "synthetic" and root is None and source is None:
         raise ValueError(f"{name}: root is required (set dataset.root=PATH)")
-    kwargs = {} if split is None else {"split": split}
-    return DATASETS[name](root=root, resolution=resolution, **kwargs, **options)
+    if source is not None:
+        from eval.datasets.sources import from_source
+
+        hf_cache = None if root is None else Path(root) / ".cache" / "hf"
+        data = from_source(name, source, split, resolution, columns, hf_cache, **options)
+    else:
+        kwargs = {} if split is None else {"split": split}
+        data = DATASETS[name](root=root, resolution=resolution, **kwargs, **options)
+    if not cache:
+        return data
+    from eval.datasets.cache import cached
+
+    on_error = options.get("on_error", "raise")
+    return cached(data, root, name, split, resolution, source, columns, cache_dtype, on_error)
 
 
 __all__ = ["DATASETS", "DataFileError", "SplitSizeWarning", "collate", "get_dataset"]

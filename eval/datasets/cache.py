@@ -1,0 +1,309 @@
+"""A preprocessed, memory-mapped copy of an evaluation split (HF ``datasets`` Arrow files).
+
+Decoding a 2048x1024 Cityscapes PNG and resizing it costs far more than the model's data budget
+at 20+ images/s, and every sweep point decodes the same images again.  The cache stores each item
+after crop, resize and label mapping, so reading it is a memory-mapped copy:
+
+* ``image``: ``(3, R, R)`` float32 by default — bit-identical to the source loader (its bilinear
+  resize yields values between the 8-bit levels, so uint8 cannot hold them exactly); with
+  ``cache_dtype="uint8"`` the image is rounded to 8 bits (4x smaller, at most 0.5/255 off).
+* ``label``: ``(R, R)`` int8 (int16 when there are 128 classes or more), -1 ignored.
+* ``id``; ``error``: the :class:`DataFileError` message of a pair that could not be read ("" if
+  fine), so ``on_error`` applies when reading, exactly as with the files.
+
+Location: ``<root>/.cache/<name>-<split>-<resolution>-<key>/`` where ``key`` hashes everything
+that changes the stored values (dataset, split, resolution, antialias, dtype, source and column
+mapping, synthetic options).  Next to the Arrow data, ``fingerprint.json`` records the inputs:
+every source file's path, size and mtime (or the Parquet files / hub fingerprint), the label
+lookup table, the class names and a hash of the preprocessing code.  A cache whose fingerprint
+differs is rebuilt, with a message, never used.  It is written into a temporary folder and renamed
+into place, under a file lock, so concurrent ranks build it once and never see half a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from eval.datasets import base
+from eval.datasets.base import DataFileError, SegmentationFiles, check_on_error
+from eval.datasets.sources import TableSegmentation, parquet_files, parse_source
+
+CACHE_VERSION = 1
+DTYPES = ("float32", "uint8")
+# Rows per Arrow record batch while writing: bounds the writer's memory (3 MiB per 512 image).
+WRITER_BATCH = 16
+
+
+def cache_dir(
+    root: Path, name: str, split: str | None, resolution: int, key_options: Mapping
+) -> Path:
+    """``<root>/.cache/<name>-<split>-<resolution>-<hash of key_options>``."""
+    blob = json.dumps({"name": name, "split": split, "resolution": resolution, **key_options},
+                      sort_keys=True, default=str)  # fmt: skip
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return Path(root).expanduser() / ".cache" / f"{name}-{split}-{resolution}-{key}"
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _code_hash(dataset: Dataset) -> str:
+    """Hash of the preprocessing code and of the dataset's own module: an edit there makes old
+    caches stale."""
+    h = hashlib.sha256()
+    for module in (base, sys.modules[type(dataset).__module__]):
+        h.update(Path(inspect.getsourcefile(module)).read_bytes())
+    return h.hexdigest()
+
+
+def inputs(dataset: Dataset) -> list:
+    """What the stored values were computed from, beyond the options (for the fingerprint)."""
+    if isinstance(dataset, TableSegmentation):
+        kind, target = parse_source(dataset.source)
+        if kind == "parquet":
+            return [_stat(p) for p in parquet_files(target)]
+        return [dataset.table._fingerprint, *(f["filename"] for f in dataset.table.cache_files)]
+    if isinstance(dataset, SegmentationFiles):
+        return [[s.id, _stat(s.image), _stat(s.label)] for s in dataset.samples]
+    return []  # synthetic: the options and the code determine every pixel
+
+
+def fingerprint(dataset: Dataset, key_options: Mapping) -> dict:
+    lut = getattr(dataset, "lut", None)
+    return {
+        "version": CACHE_VERSION,
+        "options": json.loads(json.dumps(dict(key_options), sort_keys=True, default=str)),
+        "classes": list(dataset.class_names),
+        "lut": None if lut is None else hashlib.sha256(np.asarray(lut).tobytes()).hexdigest(),
+        "code": _code_hash(dataset),
+        "skipped": getattr(dataset, "skipped", 0),
+        "inputs": inputs(dataset),
+    }
+
+
+def stale_reason(stored: dict, current: dict) -> str:
+    """A short human description of why ``stored`` no longer matches ``current``."""
+    changed = [k for k in current if k != "inputs" and stored.get(k) != current[k]]
+    old, new = stored.get("inputs", []), current["inputs"]
+    if old != new:
+        if len(old) != len(new):
+            changed.append(f"inputs ({len(old)} -> {len(new)} items)")
+        else:
+            first = next(n for o, n in zip(old, new, strict=True) if o != n)
+            diff = sum(o != n for o, n in zip(old, new, strict=True))
+            changed.append(f"inputs ({diff} changed, first {json.dumps(first)[:200]})")
+    return ", ".join(changed)
+
+
+def _read_fingerprint(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "fingerprint.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _Rows(Dataset):
+    """``(item or None, error message, id)`` of the source, whatever its ``on_error``."""
+
+    def __init__(self, source: Dataset) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[dict | None, str, str]:
+        load = getattr(self.source, "load", self.source.__getitem__)
+        try:
+            item = load(index)
+            return item, "", item["id"]
+        except DataFileError as e:
+            ids = getattr(self.source, "ids", None) or [s.id for s in self.source.samples]
+            return None, str(e), ids[index]
+
+
+def _label_dtype(n_class: int) -> str:
+    return "int8" if n_class < 128 else "int16"
+
+
+def _generate(source: Dataset, resolution: int, dtype: str, num_workers: int, desc: str):
+    from tqdm.auto import tqdm
+
+    ldtype = getattr(torch, _label_dtype(source.n_class))
+    # batch_size=None: items one by one, decoded in parallel by the workers, in order.
+    loader = DataLoader(_Rows(source), batch_size=None, num_workers=num_workers)
+    for item, error, id_ in tqdm(loader, total=len(source), desc=desc, unit="img"):
+        if item is None:
+            image = torch.zeros(3, resolution, resolution)
+            label = torch.full((resolution, resolution), base.IGNORE)
+        else:
+            image, label = item["image"], item["label"]
+        if dtype == "uint8":
+            image = image.mul(255).round_().to(torch.uint8)
+        yield {"image": image.numpy(), "label": label.to(ldtype).numpy(), "id": id_, "error": error}
+
+
+def estimate_bytes(n: int, resolution: int, dtype: str, n_class: int) -> int:
+    """Bytes the cache of ``n`` items takes (image + label; ids are negligible)."""
+    image = 3 * resolution * resolution * np.dtype(dtype).itemsize
+    return n * (image + resolution * resolution * np.dtype(_label_dtype(n_class)).itemsize)
+
+
+def build(
+    source: Dataset,
+    path: Path,
+    fp: dict,
+    resolution: int,
+    dtype: str = "float32",
+    num_workers: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Write ``source``'s items into a new cache at ``path`` (replacing any old one)."""
+    import datasets
+    from datasets import Array2D, Array3D, Features, Value
+
+    n = len(source)
+    size = estimate_bytes(n, resolution, dtype, source.n_class)
+    free = shutil.disk_usage(path.parent).free
+    echo(f"caching {n} images at {resolution}x{resolution} ({dtype}): {size / 2**30:.2f} GiB "
+         f"into {path} ({free / 2**30:.1f} GiB free)")  # fmt: skip
+    if size > free:
+        raise OSError(f"not enough space for the cache at {path}: needs {size} bytes, {free} free")
+    features = Features({
+        "image": Array3D(shape=(3, resolution, resolution), dtype=dtype),
+        "label": Array2D(shape=(resolution, resolution), dtype=_label_dtype(source.n_class)),
+        "id": Value("string"),
+        "error": Value("string"),
+    })  # fmt: skip
+    if num_workers is None:  # worker start-up costs more than it saves on a few images
+        num_workers = 0 if n < 32 else min(4, os.cpu_count() or 1)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        progress = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # our own bar counts images, theirs duplicates it
+        try:
+            table = datasets.Dataset.from_generator(
+                _generate,
+                features=features,
+                cache_dir=str(tmp / "scratch"),
+                gen_kwargs={"source": source, "resolution": resolution, "dtype": dtype,
+                            "num_workers": num_workers, "desc": f"caching {path.name}"},
+                fingerprint=hashlib.sha256(json.dumps(fp).encode()).hexdigest()[:16],
+                writer_batch_size=WRITER_BATCH,
+            )  # fmt: skip
+            table.save_to_disk(str(tmp / "data"))
+        finally:
+            if progress:
+                datasets.enable_progress_bars()
+        del table
+        shutil.rmtree(tmp / "scratch")
+        (tmp / "fingerprint.json").write_text(json.dumps(fp) + "\n")
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CachedDataset(Dataset):
+    """Items of a cache, as the source loader gives them: ``image`` float ``(3, R, R)`` in
+    [0, 1], ``label`` int64 ``(R, R)`` with -1 ignored, ``id``; ``class_names``, ``n_class``,
+    ``skipped``.  A pair that could not be read raises its :class:`DataFileError` again, or with
+    ``on_error="skip"`` warns and yields ``None``, as the source loader does."""
+
+    def __init__(self, table, class_names, name: str, on_error: str = "raise", skipped: int = 0):
+        check_on_error(on_error)
+        # "numpy" + torch.from_numpy, not "torch": the torch formatter copies each array through
+        # torch.tensor, which costs ~15 ms for a (3, 512, 512) float32 image (bench_data.py).
+        self.table = table.with_format("numpy")
+        self.class_names = list(class_names)
+        self.n_class = len(self.class_names)
+        self.name, self.on_error, self.skipped = name, on_error, skipped
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.table[index]
+        if row["error"]:
+            if self.on_error == "raise":
+                raise DataFileError(row["error"])
+            self.skipped += 1
+            warnings.warn(f"skipped: {row['error']}", stacklevel=2)
+            return None
+        image = torch.from_numpy(row["image"])
+        if not image.is_floating_point():  # uint8 cache
+            image = image.float().div_(255.0)
+        label = torch.from_numpy(row["label"]).long()
+        return {"image": image, "label": label, "id": str(row["id"])}
+
+    def shard(self, rank: int, world_size: int) -> CachedDataset:
+        """This rank's contiguous share (``split_dataset_by_node``): every item on one rank only."""
+        from datasets.distributed import split_dataset_by_node
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..world_size-1={world_size - 1}, got {rank}")
+        part = split_dataset_by_node(self.table, rank=rank, world_size=world_size)
+        return CachedDataset(part, self.class_names, self.name, self.on_error, self.skipped)
+
+
+def key_options(dataset: Dataset, source: str | None, columns: Mapping | None) -> dict:
+    """The options, besides name, split and resolution, that change the stored values."""
+    attrs = ("antialias", "keep_size", "length", "seed", "n_class", "regions", "noise", "texture")
+    options = {a: getattr(dataset, a) for a in attrs if hasattr(dataset, a)}
+    return {**options, "source": source, "columns": dict(columns) if columns else None}
+
+
+def cached(
+    dataset: Dataset,
+    root,
+    name: str,
+    split: str | None,
+    resolution: int,
+    source: str | None = None,
+    columns: Mapping | None = None,
+    dtype: str = "float32",
+    on_error: str = "raise",
+    echo: Callable[[str], None] = print,
+) -> CachedDataset:
+    """The cache of ``dataset`` (built or rebuilt first when absent or stale), memory-mapped;
+    ``source`` and ``columns`` as given to ``get_dataset`` (they are part of the key)."""
+    import datasets
+    from filelock import FileLock
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dataset.cache_dtype must be one of {DTYPES}, got {dtype!r}")
+    if root is None:
+        raise ValueError(f"{name}: dataset.cache=true needs dataset.root=PATH (the cache lives in "
+                         "ROOT/.cache)")  # fmt: skip
+    if getattr(dataset, "keep_size", False):
+        raise ValueError(f"{name}: dataset.cache=true stores fixed-size images; it cannot be "
+                         "combined with keep_size=true")  # fmt: skip
+    key = {**key_options(dataset, source, columns), "dtype": dtype}
+    path = cache_dir(root, name, split, resolution, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(dataset, key)
+    with FileLock(str(path) + ".lock"):
+        stored = _read_fingerprint(path)
+        if stored != fp:
+            if stored is not None:
+                echo(f"{name}: cache {path} is stale ({stale_reason(stored, fp)}); rebuilding")
+            build(dataset, path, fp, resolution, dtype, echo=echo)
+    table = datasets.load_from_disk(str(path / "data"))
+    return CachedDataset(table, dataset.class_names, name, on_error, fp["skipped"])

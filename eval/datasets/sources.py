@@ -1,0 +1,207 @@
+"""Benchmark datasets read from Parquet or a hub dataset instead of the original files.
+
+``dataset.source=parquet:PATH_OR_GLOB`` reads local Parquet files with
+``datasets.load_dataset("parquet", data_files=...)``; ``dataset.source=hf:REPO_ID`` reads a hub
+dataset with ``datasets.load_dataset(REPO_ID)`` (needs a network the first time; ``datasets``
+caches it).  ``dataset.columns`` maps the table's columns to ``image``, ``label`` and ``id``
+(defaults: the same names; without an id column the row number is the id).
+
+The label column must hold the values of the dataset's *original* label files (stuffthingmaps fine
+ids 0..181 and 255 for COCO, ``labelIds`` for Cityscapes, 0..150 for ADE20K, palette indices for
+VOC...): the dataset's own mapping is applied to it, exactly as for the files, then the same crop
+and resize.  Labels stored as an image (a ``datasets.Image`` column, PNG bytes) must be 8-bit grey
+or palette PNGs; a colour-coded RGB mask is refused, as for the files.  A copy whose labels were
+already remapped (e.g. COCO-Stuff-27 coarse ids) does not follow the convention and is rejected
+by the mapping or, worse, silently mislabelled: check a copy before trusting it.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from eval.datasets.ade20k import lut as ade20k_lut
+from eval.datasets.base import _UNDEFINED, DataFileError, SegmentationFiles, preprocess
+from eval.datasets.cityscapes import lut as cityscapes_lut
+from eval.datasets.classes import (
+    ADE20K_CLASSES,
+    CITYSCAPES27_CLASSES,
+    COCO_OBJECT_CLASSES,
+    COCO_STUFF27_CLASSES,
+    PASCAL_CONTEXT59_CLASSES,
+    VOC_CLASSES,
+)
+from eval.datasets.coco import object81_lut, stuff27_lut
+from eval.datasets.voc import context_lut, voc_lut
+
+KINDS = ("parquet", "hf")
+DEFAULT_COLUMNS = {"image": "image", "label": "label", "id": "id"}
+# name -> (label lookup table of the original encoding, class names)
+LABEL_MAPS: dict[str, tuple[Callable[[], np.ndarray], list[str]]] = {
+    "coco_stuff27": (stuff27_lut, COCO_STUFF27_CLASSES),
+    "coco_object": (object81_lut, COCO_OBJECT_CLASSES),
+    "cityscapes": (cityscapes_lut, CITYSCAPES27_CLASSES),
+    "ade20k": (ade20k_lut, ADE20K_CLASSES),
+    "voc": (voc_lut, VOC_CLASSES),
+    "pascal_context59": (context_lut, PASCAL_CONTEXT59_CLASSES),
+}
+# Split names of the loaders -> the names hub copies usually use.
+SPLIT_ALIASES = {"val": ("validation", "val"), "curated": ("validation", "val")}
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """``"parquet:PATH_OR_GLOB"`` or ``"hf:REPO_ID"`` -> ``(kind, target)``."""
+    kind, sep, target = str(source).partition(":")
+    if not sep or kind not in KINDS or not target:
+        raise ValueError(
+            f"dataset.source must be 'parquet:PATH_OR_GLOB' or 'hf:REPO_ID', got {source!r}"
+        )
+    return kind, target
+
+
+def parquet_files(pattern: str) -> list[Path]:
+    """The Parquet files ``pattern`` names (a file, a folder of ``*.parquet`` or a glob)."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    if not files:
+        raise FileNotFoundError(
+            f"dataset.source=parquet:{pattern} matches no file; give a Parquet file, a folder of "
+            "*.parquet files or a glob such as data/coco/*.parquet"
+        )
+    return files
+
+
+def load_table(source: str, split: str | None, cache_dir: Path | None = None):
+    """The ``datasets.Dataset`` behind ``source`` (for ``hf:``, its ``split``)."""
+    import datasets
+
+    kind, target = parse_source(source)
+    cache = None if cache_dir is None else str(cache_dir)
+    if kind == "parquet":
+        files = [str(p) for p in parquet_files(target)]
+        return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
+    tables = datasets.load_dataset(target, cache_dir=cache)
+    for name in (split, *SPLIT_ALIASES.get(split, ())):
+        if name in tables:
+            return tables[name]
+    raise ValueError(
+        f"dataset.source=hf:{target} has splits {sorted(tables)}, none matching split={split!r}; "
+        "set dataset.split to one of them"
+    )
+
+
+def _array(value, what: str, label: bool) -> np.ndarray:
+    """A table cell (PIL image, ``{"bytes": ...}`` dict, raw bytes or nested list) as an array:
+    RGB uint8 ``(H, W, 3)`` for images, raw ids ``(H, W)`` for labels."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, bytes):
+        try:
+            value = Image.open(io.BytesIO(value))
+            value.load()
+        except (OSError, ValueError) as e:
+            raise DataFileError(f"cannot decode {what}: {e}") from e
+    if isinstance(value, Image.Image):
+        if not label:
+            return np.array(value.convert("RGB"))
+        if value.mode not in ("L", "P"):
+            raise DataFileError(
+                f"{what} has PIL mode {value.mode!r}; expected an 8-bit grey ('L') or palette ('P') "
+                "image holding the original label ids (is it a colour-coded mask?)"
+            )
+        return np.array(value)
+    array = np.asarray(value)
+    if label and (array.ndim != 2 or array.min(initial=0) < 0 or array.max(initial=0) > 255):
+        raise DataFileError(f"{what} must be a 2-D map of 8-bit label ids, got {array.shape}")
+    if not label and (array.ndim != 3 or array.shape[-1] != 3):
+        raise DataFileError(f"{what} must be an RGB image (H, W, 3), got {array.shape}")
+    return array.astype(np.uint8 if not label else np.int64)
+
+
+class TableSegmentation(SegmentationFiles):
+    """A :class:`SegmentationFiles` whose pairs are rows of a ``datasets`` table.
+
+    Items, errors and ``on_error`` behave as for the files; error messages name the source and row.
+    """
+
+    def __init__(self, name: str, table, source: str, columns: Mapping[str, str], **kwargs):
+        lut, classes = LABEL_MAPS[name]
+        missing = [c for k, c in columns.items() if k != "id" and c not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"{name}: dataset.source={source} has columns {table.column_names}, not {missing}; "
+                "map them with dataset.columns={image: ..., label: ..., id: ...}"
+            )
+        self.table, self.source, self.columns = table, source, dict(columns)
+        ids = (
+            [str(i) for i in table[columns["id"]]]
+            if columns.get("id") in table.column_names
+            else [f"{i:06d}" for i in range(len(table))]
+        )
+        super().__init__(name, [], lut(), classes, **kwargs)
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Decoded image ``(H, W, 3)`` uint8, raw label ids ``(H, W)`` and where they came from."""
+        row = self.table[index]
+        where = f"{self.source} row {index} (id {self.ids[index]})"
+        image = _array(row[self.columns["image"]], f"image of {where}", label=False)
+        raw = _array(row[self.columns["label"]], f"label of {where}", label=True)
+        return image, raw, where
+
+    def load(self, index: int) -> dict:
+        image, raw, where = self.read_pair(index)
+        if raw.shape != image.shape[:2]:
+            raise DataFileError(
+                f"{where}: image is {image.shape[1]}x{image.shape[0]} but label is "
+                f"{raw.shape[1]}x{raw.shape[0]} (width x height); they must match"
+            )
+        label = self.lut[raw]
+        if (label == _UNDEFINED).any():
+            bad = np.unique(raw[label == _UNDEFINED]).tolist()
+            raise DataFileError(
+                f"{where}: label values {bad} are not in the {self.name} convention; the source's "
+                "labels must be the original ids (see eval/datasets/sources.py)"
+            )
+        img, lab = preprocess(image, label, self.resolution, self.antialias, self.keep_size)
+        return {"image": img, "label": lab, "id": self.ids[index]}
+
+
+def from_source(
+    name: str,
+    source: str,
+    split: str | None = "val",
+    resolution: int = 512,
+    columns: Mapping[str, str] | None = None,
+    cache_dir: Path | None = None,
+    **options,
+) -> TableSegmentation:
+    """Dataset ``name`` read from ``source`` (``parquet:...`` or ``hf:...``) with the column
+    mapping ``columns`` (keys ``image``, ``label``, ``id``); ``options`` as for the files."""
+    if name not in LABEL_MAPS:
+        raise ValueError(
+            f"{name}: dataset.source is not supported (supported: {sorted(LABEL_MAPS)})"
+        )
+    unknown = sorted(set(columns or {}) - set(DEFAULT_COLUMNS))
+    if unknown:
+        raise ValueError(f"dataset.columns: unknown keys {unknown}; use {list(DEFAULT_COLUMNS)}")
+    table = load_table(source, split, cache_dir)
+    return TableSegmentation(
+        name,
+        table,
+        source,
+        {**DEFAULT_COLUMNS, **(columns or {})},
+        resolution=resolution,
+        **options,
+    )
