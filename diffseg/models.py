@@ -1,0 +1,154 @@
+"""Model configurations and builders: the real Stable Diffusion 1.4 shapes and an SD-shaped `tiny` model.
+
+Configs are plain dicts in the diffusers/transformers layout, so `UNet2DConditionModel(**cfg)` and
+`save_pretrained` round-trip them. `tiny` keeps SD 1.x's block structure (three cross-attention down
+blocks, a plain down block, a cross-attention mid block, the mirrored up blocks, two layers per block),
+hence the same 16 self-attention layers at four resolutions (5 / 5 / 5 / 1 at latent sizes r, r/2, r/4,
+r/8), but with a few channels per layer and seeded random weights: it needs no download.
+
+The tiny tokenizer is a real `CLIPTokenizer` built in memory from a byte-level vocabulary (every byte,
+with and without the end-of-word suffix, plus the two special tokens) and no merges, so every prompt
+tokenises (one token per character) and `save_pretrained` writes ordinary tokenizer files. Its special
+tokens follow SD 1.x: `<|startoftext|>`, then `<|endoftext|>` which also pads to 77 tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+TEXT_LENGTH = 77  # CLIP's context length: prompts are padded to it, as SD does
+SD_SCALING_FACTOR = 0.18215
+
+
+def sd14_unet_config() -> dict[str, Any]:
+    """The UNet2DConditionModel config of Stable Diffusion 1.4 (`CompVis/stable-diffusion-v1-4`)."""
+    return {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "down_block_types": list(SD_DOWN_BLOCKS),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": list(SD_UP_BLOCKS),
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": 768,
+        # diffusers' legacy name: in SD 1.x this is the number of heads (8 heads of 40, 80, 160).
+        "attention_head_dim": 8,
+    }
+
+
+def sd14_vae_config() -> dict[str, Any]:
+    """The AutoencoderKL config of Stable Diffusion 1.4 (8x downsampling, 4 latent channels)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": SD_SCALING_FACTOR,
+    }
+
+
+def sd14_scheduler_config() -> dict[str, Any]:
+    """The noise schedule of SD 1.x (scaled-linear betas 0.00085..0.012 over 1000 steps).
+
+    Only `add_noise` is used (the optional noise ablation), which is the same for DDPM and PNDM.
+    """
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+    }
+
+
+def tiny_unet_config() -> dict[str, Any]:
+    """SD 1.x's UNet block structure with 32/64 channels and 2 heads per attention layer."""
+    return {
+        **sd14_unet_config(),
+        "block_out_channels": [32, 32, 64, 64],
+        "norm_num_groups": 8,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 2,
+    }
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    """An AutoencoderKL with SD's 4 levels (8x downsampling) and scaling factor, but 8-32 channels."""
+    return {
+        **sd14_vae_config(),
+        "block_out_channels": [8, 16, 32, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+    }
+
+
+def tiny_vocab() -> dict[str, int]:
+    """Byte-level CLIP vocabulary without merges: 256 bytes, the same with `</w>`, then BOS, EOS."""
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def tiny_text_config() -> CLIPTextConfig:
+    """A 2-layer CLIP text transformer of width 32 over the tiny vocabulary."""
+    vocab = tiny_vocab()
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_LENGTH,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+
+
+def build_tiny(seed: int = 0) -> dict[str, Any]:
+    """The tiny components, with weights drawn from `torch.manual_seed(seed)`-style generators.
+
+    Returns a dict with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` (all in eval mode).
+    The global RNG state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_unet_config())
+        vae = AutoencoderKL(**tiny_vae_config())
+        text_encoder = CLIPTextModel(tiny_text_config())
+    tokenizer = CLIPTokenizer(vocab=tiny_vocab(), merges=[], model_max_length=TEXT_LENGTH)
+    scheduler = DDPMScheduler.from_config(sd14_scheduler_config())
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }

@@ -1,0 +1,614 @@
+"""The evaluation run behind ``python -m eval``: dataset -> DiffSeg pipeline -> Hungarian scoring ->
+tables, pictures, W&B and the ledger.
+
+Resumable: each finished image is appended to ``per_image.jsonl`` (flushed and fsynced) with its
+integer TP/FP/FN counts from ``eval.matching``. A resumed run merges the stored counts of the
+finished images into the metric (``merge_state``) and updates it with the new ones; the metric only
+sums integers, so the numbers are exactly those of a run that never stopped. ``run.json`` pins the
+settings that decide the numbers; resuming with different ones is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import platform
+import random
+import re
+import subprocess
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from eval import visualize
+from eval.logging import (
+    JsonlAppender,
+    append_ledger,
+    read_json_or_none,
+    read_jsonl,
+    write_csv_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from eval.matching import match_per_image
+from eval.metrics import HungarianIoU, scores_from_counts
+
+RESULT_COLUMNS = (
+    "run_id",
+    "timestamp",
+    "experiment",
+    "protocol",
+    "dataset",
+    "split",
+    "model",
+    "segmenter",
+    "timestep",
+    "kl_threshold",
+    "num_points",
+    "refine",
+    "weights",
+    "resolution",
+    "n_images",
+    "pixel_accuracy",
+    "miou",
+    "mean_segments",
+    "seconds",
+    "images_per_s",
+    "device",
+    "seed",
+    "versions",
+    "git_commit",
+    "run_dir",
+)
+PER_CLASS_COLUMNS = ("class", "iou", "tp", "fp", "fn")
+PER_IMAGE_COLUMNS = ("id", "segments", "accuracy", "miou")
+# Settings that change the numbers: a resumed run must have the same ones, and the same dataset
+# settings except where the files are and where eval.prepare gets them. (Batch size and workers
+# do not change the labels.)
+PINNED_KEYS = ("protocol", "seed", "limit", "model", "segmenter")
+UNPINNED_DATASET_KEYS = ("root", "sources", "manual_steps")
+VERSION_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "scipy")
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on, with a message that says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(
+            f"device={device!r} is not a torch device; use auto, cpu or cuda[:N]"
+        ) from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(
+                f"device={device} but CUDA is not available (torch {torch.__version__}, "
+                f"built for CUDA: {torch.version.cuda or 'no'}); use device=cpu or device=auto"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RunError(
+                f"device={device} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_config(cfg: DictConfig) -> None:
+    """Values Hydra cannot type-check, checked before any data or model is touched."""
+
+    def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            extra = " or null (all)" if allow_none else ""
+            raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
+
+    positive_int("limit", cfg.limit, allow_none=True)
+    positive_int("batch_size", cfg.batch_size)
+    if (
+        isinstance(cfg.num_workers, bool)
+        or not isinstance(cfg.num_workers, int)
+        or cfg.num_workers < 0
+    ):
+        raise ValueError(f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
+    if not isinstance(cfg.n_qualitative, int) or cfg.n_qualitative < 0:
+        raise ValueError(f"n_qualitative must be an integer >= 0, got {cfg.n_qualitative!r}")
+    if not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+
+
+def versions() -> str:
+    """``python=...;torch=...;...`` (and the CUDA build when there is one)."""
+    parts = [f"python={platform.python_version()}"]
+    for name in VERSION_PACKAGES:
+        try:
+            parts.append(f"{name}={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{name}=missing")
+    if torch.version.cuda:
+        parts.append(f"cuda={torch.version.cuda}")
+    return ";".join(parts)
+
+
+def git_commit() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files changed; ``unknown`` outside git."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+        )
+        if out.returncode != 0:
+            raise OSError(out.stderr)
+        return out.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run state
+
+
+def _pinned(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    pinned = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in PINNED_KEYS
+    }
+    pinned["dataset"] = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+        if k not in UNPINNED_DATASET_KEYS
+    }
+    pinned["device_type"] = device.type
+    return pinned
+
+
+def open_run_state(
+    run_dir: Path, pinned: dict[str, Any], config: DictConfig | None = None
+) -> dict[str, Any]:
+    """Create ``run.json`` (run id + pinned settings) and ``config.yaml`` (the composed config,
+    resolved) for a new run, or check the settings of the existing run on resume.
+
+    Hydra rewrites ``.hydra/`` on every launch, refused ones included; these two files keep what
+    the run was started with.
+    """
+    path = run_dir / "run.json"
+    state = read_json_or_none(path)
+    if state is None:
+        state = {"run_id": uuid.uuid4().hex[:12], "created": _now(), "pinned": pinned}
+        if config is not None:
+            write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
+        write_json_atomic(path, state)
+        return state
+    old = state["pinned"]
+    diffs = [
+        f"{k}: {old.get(k)!r} (run) vs {pinned.get(k)!r} (now)"
+        for k in sorted(set(old) | set(pinned))
+        if old.get(k) != pinned.get(k)
+    ]
+    if diffs:
+        raise RunError(
+            f"{run_dir} holds a run with other settings, so it cannot be resumed with these:\n  "
+            + "\n  ".join(diffs)
+            + "\nRun again with the original settings, or drop hydra.run.dir to start a new run."
+        )
+    return state
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _Indexed(Dataset):
+    """``(index, item)`` pairs of ``dataset`` at ``indices``; the item may be None (skipped file)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, dict | None]:
+        return self.indices[k], self.dataset[self.indices[k]]
+
+
+def _collate(batch: Sequence[tuple[int, dict | None]]) -> dict[str, Any]:
+    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices."""
+    return {
+        "index": [i for i, item in batch if item is not None],
+        "items": [item for _, item in batch if item is not None],
+        "skipped": [i for i, item in batch if item is None],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Outputs:
+    """What a finished run wrote: its directory, the results row and whether the ledger got it."""
+
+    run_dir: Path
+    results: dict[str, Any]
+    ledger: Path
+    ledger_added: bool
+    n_skipped: int
+    n_pictures: int
+
+
+def print_summary(out: Outputs, save_predictions: bool) -> None:
+    """The results table and where everything is."""
+    print("\n" + results_table(out.results, out.n_skipped))
+    print(f"\nRun directory: {out.run_dir}")
+    print(
+        "  tables:      results.csv, per_class.csv, per_image.csv (per-image log: per_image.jsonl)"
+    )
+    print(f"  pictures:    per_class_iou.png, qualitative/ ({out.n_pictures} images)")
+    if save_predictions:
+        print(
+            "  predictions: predictions/ (label PNGs: 8-bit grey, 16-bit when a label exceeds 255)"
+        )
+    state = "row added" if out.ledger_added else "row already there, not added again"
+    print(f"Ledger: {out.ledger} ({state})")
+
+
+def _merge_record(metric: HungarianIoU, record: Mapping[str, Any]) -> None:
+    """Add a finished image's stored counts (from an earlier session) to the metric's states."""
+    metric.merge_state(
+        {
+            "tp": torch.as_tensor(record["tp"], dtype=torch.int64),
+            "fp": torch.as_tensor(record["fp"], dtype=torch.int64),
+            "fn": torch.as_tensor(record["fn"], dtype=torch.int64),
+            "total": torch.as_tensor(record["total"], dtype=torch.int64),
+        }
+    )
+
+
+def _scores(metric: HungarianIoU) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        # A resumed run whose images were all done merges states without calling update().
+        warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+        return metric.compute()
+
+
+def _running(metric: HungarianIoU) -> dict[str, float]:
+    scores = _scores(metric)
+    return {"pixel_accuracy": float(scores["pixel_accuracy"]), "miou": float(scores["miou"])}
+
+
+def _safe_name(index: int, image_id: str) -> str:
+    return f"{index:06d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)[:80]}"
+
+
+def _to_label_size(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Only with ``dataset.keep_size``: labels keep the image's size, the model predicts a square."""
+    if tuple(pred.shape) == tuple(label.shape):
+        return pred
+    out = F.interpolate(pred[None, None].float(), size=tuple(label.shape), mode="nearest-exact")
+    return out[0, 0].long()
+
+
+def _score_item(
+    index: int,
+    item: Mapping[str, Any],
+    pred: torch.Tensor,
+    n_class: int,
+    run_dir: Path,
+    cfg: DictConfig,
+) -> dict[str, Any]:
+    """One image's record for ``per_image.jsonl``; saves its prediction as a label PNG."""
+    label = item["label"]
+    if tuple(pred.shape) != tuple(label.shape):
+        # Only with dataset.keep_size: labels keep the image's size, the model predicts a square.
+        pred = F.interpolate(
+            pred[None, None].float(), size=tuple(label.shape), mode="nearest-exact"
+        )
+        pred = pred[0, 0].long()
+    tp, fp, fn, total = match_per_image(pred, label, n_class)
+    scores = scores_from_counts(
+        torch.from_numpy(tp), torch.from_numpy(fp), torch.from_numpy(fn), total
+    )
+    name = _safe_name(index, item["id"])
+    record = {
+        "index": index,
+        "id": item["id"],
+        "segments": int(torch.unique(pred).numel()),
+        "accuracy": float(scores["pixel_accuracy"]),
+        "miou": float(scores["miou"]),
+        "tp": tp.tolist(),
+        "fp": fp.tolist(),
+        "fn": fn.tolist(),
+        "total": int(total),
+    }
+    if cfg.save_predictions:
+        visualize.save_label_png(pred, run_dir / "predictions" / f"{name}.png")
+        record["prediction"] = f"predictions/{name}.png"
+    return record
+
+
+def _save_qualitative(
+    index: int, item: Mapping[str, Any], pred: torch.Tensor, n_class: int, run_dir: Path
+) -> None:
+    path = run_dir / "qualitative" / f"{_safe_name(index, item['id'])}.png"
+    visualize.save_comparison(item["image"], item["label"], pred, path, n_class, item["id"])
+
+
+def _predict(
+    pipeline: Any,
+    items: Sequence[Mapping[str, Any]],
+    device: torch.device,
+    call: dict,
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """``(H, W)`` labels for each item: one batched call, or one call per image when sizes differ."""
+    try:
+        if len({tuple(it["image"].shape) for it in items}) == 1:
+            images = torch.stack([it["image"] for it in items]).to(device, non_blocking=True)
+            return list(pipeline(images, **call).cpu())
+        return [pipeline(it["image"][None].to(device), **call)[0].cpu() for it in items]
+    except torch.OutOfMemoryError as e:
+        lower = (
+            f"lower it, e.g. batch_size={max(1, batch_size // 2)}"
+            if batch_size > 1
+            else "it is already 1: lower dataset.resolution or use a half-precision model.dtype"
+        )
+        raise RunError(
+            f"out of GPU memory on {device} with batch_size={batch_size}; {lower}. Finished images "
+            "are kept: rerun with the same hydra.run.dir to resume."
+        ) from e
+
+
+def _loop(
+    cfg: DictConfig,
+    dataset: Dataset,
+    todo: Sequence[int],
+    records: dict[int, dict[str, Any]],
+    metric: HungarianIoU,
+    pipeline: Any,
+    device: torch.device,
+    call: dict,
+    logger: Any,
+    n_total: int,
+) -> None:
+    run_dir = Path(cfg.paths.output_dir)
+    loader = DataLoader(
+        _Indexed(dataset, todo),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    appender = JsonlAppender(run_dir / "per_image.jsonl")
+    bar = tqdm(total=n_total, initial=len(records), desc=str(cfg.dataset.name), unit="img")
+    try:
+        start = time.perf_counter()
+        for batch in loader:
+            new = [{"index": i, "skipped": True} for i in batch["skipped"]]
+            if batch["items"]:
+                preds = _predict(pipeline, batch["items"], device, call, cfg.batch_size)
+                labels = [item["label"] for item in batch["items"]]
+                preds = [_to_label_size(p, y) for p, y in zip(preds, labels, strict=True)]
+                scored = [
+                    _score_item(i, item, pred, dataset.n_class, run_dir, cfg)
+                    for i, item, pred in zip(batch["index"], batch["items"], preds, strict=True)
+                ]
+                # Wall time per image with data loading and scoring, without the pictures.
+                seconds = (time.perf_counter() - start) / len(scored)
+                for rec in scored:
+                    rec["seconds"] = seconds
+                for index, item, pred in zip(batch["index"], batch["items"], preds, strict=True):
+                    if index < cfg.n_qualitative:
+                        _save_qualitative(index, item, pred, dataset.n_class, run_dir)
+                for pred, label in zip(preds, labels, strict=True):
+                    metric.update(pred[None], label[None])
+                new += scored
+            appender.append(new)
+            records.update({r["index"]: r for r in new})
+            running = _running(metric)
+            bar.set_postfix(acc=f"{running['pixel_accuracy']:.3f}", miou=f"{running['miou']:.3f}")
+            bar.update(len(new))
+            logger.log_running(len(records), running)
+            start = time.perf_counter()
+    finally:
+        bar.close()
+        appender.close()
+
+
+def _fmt(value: float, scale: float = 1.0, digits: int = 2) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value * scale:.{digits}f}"
+
+
+def results_table(row: Mapping[str, Any], n_skipped: int) -> str:
+    """The results row as a Markdown table (accuracy and mIoU in %)."""
+    cells = {
+        "dataset": f"{row['dataset']} ({row['split']})",
+        "model": row["model"],
+        "segmenter": row["segmenter"],
+        "kl_threshold": row["kl_threshold"],
+        "images": str(row["n_images"]) + (f" (+{n_skipped} skipped)" if n_skipped else ""),
+        "pixel acc %": _fmt(row["pixel_accuracy"], 100),
+        "mIoU %": _fmt(row["miou"], 100),
+        "segments/img": _fmt(row["mean_segments"], 1, 1),
+        "img/s": _fmt(row["images_per_s"], 1, 2),
+    }
+    widths = {k: max(len(k), len(v)) for k, v in cells.items()}
+    head = "|" + "|".join(f" {k:<{widths[k]}} " for k in cells) + "|"
+    rule = "|" + "|".join("-" * (widths[k] + 2) for k in cells) + "|"
+    body = "|" + "|".join(f" {v:<{widths[k]}} " for k, v in cells.items()) + "|"
+    return "\n".join([head, rule, body])
+
+
+def _finish(
+    cfg: DictConfig,
+    dataset: Dataset,
+    records: dict[int, dict[str, Any]],
+    metric: HungarianIoU,
+    run_id: str,
+    device: torch.device,
+    logger: Any,
+    names: Mapping[str, str],
+) -> Outputs:
+    run_dir = Path(cfg.paths.output_dir)
+    scored = [records[i] for i in sorted(records) if not records[i].get("skipped")]
+    n_skipped = len(records) - len(scored)
+    if not scored:
+        raise RunError(f"every one of the {n_skipped} images was skipped (dataset.on_error=skip)")
+    final = _scores(metric)
+    seconds = float(sum(r["seconds"] for r in scored))
+    seg = cfg.segmenter
+    row = {
+        "run_id": run_id,
+        "timestamp": _now(),
+        "experiment": cfg.experiment or names.get("experiment") or "",
+        "protocol": cfg.protocol,
+        "dataset": cfg.dataset.name,
+        "split": cfg.dataset.get("split") or "",
+        "model": names["model"],
+        "segmenter": seg.name,
+        "timestep": seg.get("timestep", ""),
+        "kl_threshold": ",".join(str(t) for t in seg.kl_threshold) if "kl_threshold" in seg else "",
+        "num_points": seg.get("num_points", ""),
+        "refine": seg.get("refine", ""),
+        "weights": "proportional"
+        if seg.get("weights") is None
+        else ",".join(map(str, seg.weights)),
+        "resolution": names["resolution"],
+        "n_images": len(scored),
+        "pixel_accuracy": float(final["pixel_accuracy"]),
+        "miou": float(final["miou"]),
+        "mean_segments": float(np.mean([r["segments"] for r in scored])),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(scored) / seconds, 4) if seconds > 0 else float("nan"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "seed": cfg.seed,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "run_dir": str(run_dir.resolve()),
+    }
+    per_class = [
+        {"class": name, "iou": float(iou), "tp": int(tp), "fp": int(fp), "fn": int(fn)}
+        for name, iou, tp, fp, fn in zip(
+            dataset.class_names,
+            final["per_class_iou"],
+            final["tp"],
+            final["fp"],
+            final["fn"],
+            strict=True,
+        )
+    ]
+    per_image = [{k: r[k] for k in PER_IMAGE_COLUMNS} for r in scored]
+    write_csv_atomic(run_dir / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
+    write_csv_atomic(run_dir / "per_class.csv", per_class, PER_CLASS_COLUMNS)
+    title = f"{row['dataset']} / {row['model']}: mIoU {_fmt(row['miou'], 100)}%"
+    visualize.plot_class_iou(
+        dataset.class_names, final["per_class_iou"].tolist(), run_dir / "per_class_iou.png", title
+    )
+    write_csv_atomic(run_dir / "results.csv", [row], RESULT_COLUMNS)
+    pictures = sorted((run_dir / "qualitative").glob("*.png"))
+    logger.log_final({**row, "n_skipped": n_skipped}, per_class, pictures)
+    return Outputs(run_dir, row, Path(cfg.paths.ledger), False, n_skipped, len(pictures))
+
+
+def evaluate(cfg: DictConfig) -> Outputs:
+    """Run the evaluation that ``cfg`` (the composed ``conf/config.yaml``) describes.
+
+    Errors that stop the run (missing data, a model that cannot be loaded, out of memory) leave no
+    ledger row; finished images stay in ``per_image.jsonl`` for a resume.
+    """
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from eval.datasets import get_dataset
+
+    _check_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    ds_kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
+    ds_kwargs.pop("kl_threshold", None)
+    dataset = get_dataset(**ds_kwargs)
+    n_total = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
+    if n_total == 0:
+        raise RunError(f"dataset {cfg.dataset.name} ({cfg.dataset.get('split')}) has no images")
+
+    run_id = open_run_state(run_dir, _pinned(cfg, device), cfg)["run_id"]
+    records = {
+        r["index"]: r
+        for r in read_jsonl(run_dir / "per_image.jsonl", repair=True)
+        if r["index"] < n_total
+    }
+    todo = [i for i in range(n_total) if i not in records]
+
+    segmenter = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    segmenter.pop("name")
+    resolution = cfg.dataset.get("resolution") or 512
+    call = {**segmenter, "resolution": resolution, "seed": cfg.seed}
+    choices = HydraConfig.get().runtime.choices
+    names = {
+        "model": choices.get("model") or "custom",
+        "experiment": choices.get("experiment") or "",
+        "resolution": resolution,
+    }
+    pipeline = hydra.utils.instantiate(cfg.model, device=device) if todo else None
+
+    metric = HungarianIoU(dataset.n_class)
+    for index in sorted(records):
+        if not records[index].get("skipped"):
+            _merge_record(metric, records[index])
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # Not recursive: the config holds `_target_` keys of its own (model, logger).
+    logger = hydra.utils.instantiate(
+        cfg.logger,
+        run_dir=run_dir,
+        run_config=config,
+        run_id=run_id,
+        _recursive_=False,
+        _convert_="all",
+    )
+    try:
+        if todo:
+            _loop(cfg, dataset, todo, records, metric, pipeline, device, call, logger, n_total)
+        outputs = _finish(cfg, dataset, records, metric, run_id, device, logger, names)
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+    logger.finish()
+    # Last, so that a run failing anywhere before leaves no row.
+    outputs.ledger_added = append_ledger(outputs.ledger, outputs.results)
+    print_summary(outputs, cfg.save_predictions)
+    return outputs

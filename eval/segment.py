@@ -1,0 +1,147 @@
+"""``python -m eval.segment IMAGE [IMAGE or FOLDER ...] [model=tiny] [segmenter.kl_threshold=...]``
+
+Segments any images with DiffSeg and writes, per image, into the run directory
+(``outputs/segment/<time>_<model>/`` unless ``hydra.run.dir=...``):
+
+- ``<name>_labels.png``: the label map at ``resolution`` (pixel value = segment id, 0..K-1), 8-bit
+  grey when K <= 256, else 16-bit grey;
+- ``<name>_segments.png``: the centre-cropped, resized image beside the segments overlaid on it,
+  with their boundaries;
+
+and prints the number of segments of each image. Images are centre-cropped to a square and resized
+exactly as the benchmark datasets are (``eval.datasets.base``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from eval.__main__ import CONFIG_DIR, fail
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Hydra command-line flags that take the next argument as their value.
+_FLAGS_WITH_VALUE = {
+    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+    "--config-dir", "-cd", "--experimental-rerun",
+}  # fmt: skip
+
+_images: list[Path] = []
+
+
+def split_argv(argv: list[str]) -> tuple[list[Path], list[str]]:
+    """Image paths (files or folders) versus Hydra arguments (``key=value`` overrides, flags).
+
+    Hydra would read every argument as an override, so the paths are taken out first: an argument
+    that exists on disk is a path; one with ``=`` or a leading ``-`` goes to Hydra (with the value
+    of a flag that takes one); anything else is a path that does not exist.
+    """
+    paths: list[Path] = []
+    hydra_args: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            take = 2 if arg in _FLAGS_WITH_VALUE else 1
+            hydra_args += argv[i : i + take]
+            i += take
+            continue
+        if Path(arg).exists():
+            paths.append(Path(arg))
+        elif "=" in arg:
+            hydra_args.append(arg)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {arg}")
+        i += 1
+    return paths, hydra_args
+
+
+def list_images(paths: list[Path]) -> list[Path]:
+    """The files among ``paths`` and the images directly inside its folders (sorted)."""
+    images = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(
+                    f"folder {path} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})"
+                )
+            images += found
+        else:
+            images.append(path)
+    return images
+
+
+def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]]:
+    """Segment ``images`` one by one; write their label maps and pictures to the run directory.
+
+    Returns:
+        ``(image path, number of segments)`` per image.
+    """
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from eval import visualize
+    from eval.datasets.base import center_crop, read_image, resize_image
+    from eval.run import resolve_device, seed_everything
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    call = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    call.pop("name")
+    call.update(resolution=cfg.resolution, seed=cfg.seed)
+    pipeline = hydra.utils.instantiate(cfg.model, device=device)
+
+    results, used = [], set()
+    for path in images:
+        rgb = torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255.0
+        image = resize_image(center_crop(rgb), cfg.resolution).clamp_(0.0, 1.0)
+        labels = pipeline(image[None].to(device), **call)[0].cpu()
+        name = path.stem
+        while name in used:  # same file name in two folders
+            name += "_"
+        used.add(name)
+        depth = visualize.save_label_png(labels, out_dir / f"{name}_labels.png")
+        visualize.save_segmentation(
+            visualize.to_uint8_image(image), labels, out_dir / f"{name}_segments.png"
+        )
+        n = int(torch.unique(labels).numel())
+        segments = f"{n} segment" + "s" * (n != 1)
+        print(f"{path}: {segments} -> {name}_labels.png ({depth} grey), {name}_segments.png")
+        results.append((path, n))
+    print(f"Outputs in {out_dir}")
+    return results
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="segment", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        segment_images(cfg, _images)
+    except Exception as e:
+        fail(e)
+
+
+def main() -> None:
+    try:
+        paths, hydra_args = split_argv(sys.argv[1:])
+        images = list_images(paths)
+    except FileNotFoundError as e:
+        fail(e)
+    informational = any(
+        a in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info") for a in hydra_args
+    )
+    if not images and not informational:
+        print(__doc__, file=sys.stderr)
+        fail(ValueError("give at least one image file or folder"))
+    _images[:] = images
+    sys.argv = [sys.argv[0], *hydra_args]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""The evaluation harness (`python -m eval`) end to end on the tiny model and the synthetic dataset,
+plus its building blocks: atomic CSV/JSONL writing, the locked ledger, run-state checks, boundaries.
+
+End-to-end runs are subprocesses in a temporary directory (their own run directory and ledger), at
+64x64 with 8x8 anchors so that the whole file stays fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from filelock import FileLock
+from PIL import Image
+
+from eval.datasets import get_dataset
+from eval.logging import append_ledger, read_csv_rows, read_jsonl, wandb_mode, write_csv_atomic
+from eval.matching import match_per_image
+from eval.run import (
+    PER_CLASS_COLUMNS,
+    PER_IMAGE_COLUMNS,
+    RESULT_COLUMNS,
+    RunError,
+    _check_config,
+    _predict,
+    open_run_state,
+    resolve_device,
+)
+from eval.visualize import find_edges, save_label_png
+
+RES = 64
+LIMIT = 4
+N_QUAL = 2
+COMMON = (
+    "dataset=synthetic",
+    "model=tiny",
+    f"dataset.resolution={RES}",
+    "segmenter.num_points=8",
+    f"limit={LIMIT}",
+    f"n_qualitative={N_QUAL}",
+    "num_workers=0",
+)
+
+
+def run_eval(cwd: Path, *args: str, wait: bool = True, **env_extra: str):
+    """``python -m eval ARGS`` in ``cwd``, offline; ``wait=False``: the Popen (output to a file)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    # One thread: test workers share the cores, and oversubscribed torch threads crawl.
+    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
+    cmd = [sys.executable, "-m", "eval", *args]
+    if not wait:
+        with open(cwd / "popen.log", "wb") as log:
+            return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def eval_args(tmp: Path, run: str, *extra: str) -> list[str]:
+    return [*COMMON, f"hydra.run.dir={tmp / run}", f"paths.ledger={tmp / 'ledger.csv'}", *extra]
+
+
+def csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted run with W&B (offline) and a DataLoader worker, made once per session:
+    under pytest-xdist the workers share it through a folder of the session and a file lock."""
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    tmp = root / "harness_reference"
+    with FileLock(str(root / "harness_reference.lock")):
+        if not (tmp / "run" / "results.csv").exists():
+            tmp.mkdir(exist_ok=True)
+            out = run_eval(tmp, *eval_args(tmp, "run", "logger=wandb", "num_workers=1"))
+            assert out.returncode == 0, out.stdout + out.stderr
+    return tmp
+
+
+@pytest.mark.slow
+def test_run_writes_every_output_with_its_columns(reference: Path) -> None:
+    run = reference / "run"
+    columns, rows = csv_rows(run / "results.csv")
+    assert columns == list(RESULT_COLUMNS) and len(rows) == 1
+    row = rows[0]
+    assert (row["dataset"], row["model"], row["segmenter"], row["protocol"]) == (
+        "synthetic",
+        "tiny",
+        "diffseg",
+        "diffseg",
+    )
+    assert (row["n_images"], row["resolution"], row["num_points"]) == (str(LIMIT), str(RES), "8")
+    assert row["kl_threshold"] == "1.1,1.1,1.1" and row["timestep"] == "300"
+    assert row["weights"] == "proportional" and row["refine"] == "False"
+    assert row["run_dir"] == str(run.resolve()) and "torch=" in row["versions"]
+
+    dataset = get_dataset("synthetic", resolution=RES)
+    columns, per_class = csv_rows(run / "per_class.csv")
+    assert columns == list(PER_CLASS_COLUMNS)
+    assert [r["class"] for r in per_class] == dataset.class_names
+    columns, per_image = csv_rows(run / "per_image.csv")
+    assert columns == list(PER_IMAGE_COLUMNS)
+    assert [r["id"] for r in per_image] == [dataset[i]["id"] for i in range(LIMIT)]
+
+    assert len(list((run / "predictions").glob("*.png"))) == LIMIT
+    assert len(list((run / "qualitative").glob("*.png"))) == N_QUAL
+    assert Image.open(run / "per_class_iou.png").size[0] > 100
+    assert (run / ".hydra" / "config.yaml").exists()
+    config = (run / "config.yaml").read_text()
+    assert "num_points: 8" in config and f"resolution: {RES}" in config
+
+    ledger = read_csv_rows(reference / "ledger.csv")
+    assert ledger == [row]
+
+
+@pytest.mark.slow
+def test_results_equal_independent_scoring_of_saved_predictions(reference: Path) -> None:
+    run = reference / "run"
+    dataset = get_dataset("synthetic", resolution=RES)
+    records = read_jsonl(run / "per_image.jsonl")
+    tp = fp = fn = 0
+    total, segments = 0, []
+    for i in range(LIMIT):
+        (record,) = [r for r in records if r["index"] == i]
+        pred = np.asarray(Image.open(run / record["prediction"])).astype(np.int64)
+        label = dataset[i]["label"].numpy()
+        t, p, n, tot = match_per_image(pred, label, dataset.n_class)
+        tp, fp, fn, total = tp + t, fp + p, fn + n, total + tot
+        segments.append(len(np.unique(pred)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (tp + fp + fn)
+    (row,) = read_csv_rows(run / "results.csv")
+    assert float(row["pixel_accuracy"]) == pytest.approx(tp.sum() / total, rel=1e-12)
+    assert float(row["miou"]) == pytest.approx(np.nanmean(iou), rel=1e-12, nan_ok=True)
+    assert float(row["mean_segments"]) == pytest.approx(np.mean(segments))
+    per_class = read_csv_rows(run / "per_class.csv")
+    assert [int(r["tp"]) for r in per_class] == tp.tolist()
+    assert [int(r["fp"]) for r in per_class] == fp.tolist()
+    assert [int(r["fn"]) for r in per_class] == fn.tolist()
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a W&B transaction log (`.wandb`): a 7-byte header (":W&B", magic,
+    version), then LevelDB-log blocks of 32 KiB whose chunks have a 7-byte header (crc32, length,
+    type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a header: zero padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_summary_metrics(reference: Path) -> None:
+    run = reference / "run"
+    (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    summary = {}
+    for record in wandb_records(log):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update(
+                {item.key: json.loads(item.value_json) for item in record.summary.update}
+            )
+    (row,) = read_csv_rows(run / "results.csv")
+    assert summary["miou"] == pytest.approx(float(row["miou"]), rel=1e-12)
+    assert summary["pixel_accuracy"] == pytest.approx(float(row["pixel_accuracy"]), rel=1e-12)
+    assert summary["n_images"] == LIMIT
+    # Nothing W&B writes lands outside the run directory.
+    assert (run / "wandb" / "cache_dir").is_dir()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_numbers(reference: Path, tmp_path: Path) -> None:
+    args = eval_args(tmp_path, "run", "logger=csv")
+    log = tmp_path / "run" / "per_image.jsonl"
+    proc = run_eval(tmp_path, *args, wait=False)
+    deadline = time.monotonic() + 240
+    while (not log.exists() or log.read_bytes().count(b"\n") < 1) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = log.read_bytes().count(b"\n")
+    assert 1 <= done < LIMIT, "the run finished before it could be killed"
+    assert (
+        not (tmp_path / "ledger.csv").exists() and not (tmp_path / "run" / "results.csv").exists()
+    )
+    # A kill in the middle of a write leaves a torn last line: the resume must drop it.
+    with open(log, "ab") as f:
+        f.write(b'{"index": 3, "id": "synthe')
+
+    out = run_eval(tmp_path, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{done}/{LIMIT}" in out.stderr  # the progress bar starts at the finished images
+    ref = reference / "run"
+    for name in ("per_class.csv", "per_image.csv"):
+        assert read_csv_rows(tmp_path / "run" / name) == read_csv_rows(ref / name)
+    (got,) = read_csv_rows(tmp_path / "run" / "results.csv")
+    (want,) = read_csv_rows(ref / "results.csv")
+    for key in ("n_images", "pixel_accuracy", "miou", "mean_segments"):
+        assert got[key] == want[key], key
+    assert [r["index"] for r in read_jsonl(log)] == list(range(LIMIT))
+
+    # Running a finished run again changes nothing and adds no second ledger row.
+    again = run_eval(tmp_path, *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "not added again" in again.stdout
+    assert [r["run_id"] for r in read_csv_rows(tmp_path / "ledger.csv")] == [got["run_id"]]
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_is_refused(reference: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    for name in ("run.json", "per_image.jsonl"):
+        shutil.copy(reference / "run" / name, tmp_path / "run" / name)
+    out = run_eval(tmp_path, *eval_args(tmp_path, "run", "segmenter.num_points=4"))
+    assert out.returncode == 1
+    assert "other settings" in out.stderr and "'num_points': 8" in out.stderr
+    assert (
+        not (tmp_path / "ledger.csv").exists() and not (tmp_path / "run" / "results.csv").exists()
+    )
+    assert (tmp_path / "run" / "run.json").read_bytes() == (
+        reference / "run" / "run.json"
+    ).read_bytes()
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
+    out = run_eval(
+        tmp_path, "dataset=synthetic", "segmenter.kl_threshold=[1.0,1.0,1.0]", "--cfg", "job"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "dataset:\n  name: synthetic" in out.stdout
+    assert "kl_threshold:\n  - 1.0\n  - 1.0\n  - 1.0" in out.stdout
+    assert "_target_: diffseg.pipeline.DiffSegPipeline.from_tiny" in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_unknown_dataset_fails_in_composition(tmp_path: Path) -> None:
+    out = run_eval(tmp_path, "dataset=no_such_set", f"paths.ledger={tmp_path / 'ledger.csv'}")
+    assert out.returncode == 1
+    assert "Could not find 'dataset/no_such_set'" in out.stderr
+    assert "coco_stuff27" in out.stderr  # Hydra lists the available options
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "ledger.csv").exists()
+
+
+def test_missing_dataset_gives_the_loader_message_and_no_ledger_row(tmp_path: Path) -> None:
+    out = run_eval(
+        tmp_path,
+        "dataset=voc",
+        f"dataset.root={tmp_path / 'nowhere'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"paths.ledger={tmp_path / 'ledger.csv'}",
+    )
+    assert out.returncode == 1
+    assert "python -m eval.prepare" in out.stderr and str(tmp_path / "nowhere") in out.stderr
+    assert not (tmp_path / "ledger.csv").exists() and not (tmp_path / "run" / "run.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks, in process
+
+
+def test_bad_values_are_rejected_naming_the_key() -> None:
+    from omegaconf import OmegaConf
+
+    good = {"limit": None, "batch_size": 2, "num_workers": 0, "n_qualitative": 0, "seed": 1}
+    _check_config(OmegaConf.create(good))
+    for key, value in [("limit", 0), ("limit", "ten"), ("batch_size", 0), ("num_workers", -1)]:
+        with pytest.raises(ValueError, match=key):
+            _check_config(OmegaConf.create({**good, key: value}))
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_cuda_asked_but_absent() -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RunError, match=r"CUDA is not available.*device=cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu")
+
+
+def test_out_of_gpu_memory_names_the_batch_size_to_use() -> None:
+    def pipeline(images, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    items = [{"image": torch.zeros(3, 8, 8)}] * 2
+    with pytest.raises(
+        RunError, match=r"batch_size=8; lower it, e.g. batch_size=4.*hydra\.run\.dir"
+    ):
+        _predict(pipeline, items, torch.device("cpu"), {}, batch_size=8)
+    with pytest.raises(RunError, match="already 1"):
+        _predict(pipeline, items[:1], torch.device("cpu"), {}, batch_size=1)
+
+
+def test_run_state_pins_settings(tmp_path: Path) -> None:
+    pinned = {"seed": 0, "segmenter": {"num_points": 16}}
+    first = open_run_state(tmp_path, pinned)
+    assert open_run_state(tmp_path, pinned)["run_id"] == first["run_id"]
+    with pytest.raises(RunError, match=r"segmenter: \{'num_points': 16\} \(run\) vs"):
+        open_run_state(tmp_path, {"seed": 0, "segmenter": {"num_points": 8}})
+
+
+def test_jsonl_drops_and_repairs_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"index": 0}\n{"index": 1}\n{"index": 2, "id')
+    assert read_jsonl(path) == [{"index": 0}, {"index": 1}]
+    assert path.read_bytes().endswith(b'"id')  # read only: untouched
+    assert read_jsonl(path, repair=True) == [{"index": 0}, {"index": 1}]
+    assert path.read_bytes() == b'{"index": 0}\n{"index": 1}\n'
+    path.write_bytes(b'{"index": 0}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(path)
+
+
+def test_ledger_appends_once_per_run_and_merges_columns(tmp_path: Path) -> None:
+    ledger = tmp_path / "sub" / "ledger.csv"
+    assert append_ledger(ledger, {"run_id": "a", "miou": 0.5})
+    assert not append_ledger(ledger, {"run_id": "a", "miou": 0.7})
+    assert append_ledger(ledger, {"run_id": "007", "miou": 0.25, "extra": "x"})
+    assert read_csv_rows(ledger) == [
+        {"run_id": "a", "miou": "0.5", "extra": ""},
+        {"run_id": "007", "miou": "0.25", "extra": "x"},
+    ]
+    assert not list(ledger.parent.glob(".*.tmp"))
+
+
+def _append_many(ledger: str, worker: int) -> None:
+    for i in range(15):
+        append_ledger(ledger, {"run_id": f"{worker}-{i}", "value": i})
+
+
+def test_concurrent_ledger_appends_lose_no_row(tmp_path: Path) -> None:
+    ledger = str(tmp_path / "ledger.csv")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(ledger, w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ids = [r["run_id"] for r in read_csv_rows(ledger)]
+    assert sorted(ids) == sorted(f"{w}-{i}" for w in range(3) for i in range(15))
+
+
+def test_csv_write_is_atomic_when_interrupted(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    write_csv_atomic(path, [{"a": 1}], ["a"])
+
+    def rows():
+        yield {"a": 2}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_csv_atomic(path, rows(), ["a"])
+    assert read_csv_rows(path) == [{"a": "1"}] and list(tmp_path.iterdir()) == [path]
+
+
+def test_wandb_mode_offline_without_credentials(monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(None) is None  # W&B reads WANDB_MODE itself
+    assert wandb_mode("offline") == "offline"
+    with pytest.raises(ValueError, match=r"logger\.mode"):
+        wandb_mode("cloud")
+
+
+def test_find_edges_marks_pixels_next_to_another_label() -> None:
+    labels = np.zeros((5, 6), dtype=np.int64)
+    labels[:, 3:] = 1
+    edges = find_edges(labels)
+    expected = np.zeros((5, 6), dtype=bool)
+    expected[1:4, 2:4] = True  # both sides of the vertical boundary, frame excluded
+    assert np.array_equal(edges, expected)
+
+
+def test_label_png_bit_depth_and_values(tmp_path: Path) -> None:
+    small = torch.arange(12).reshape(3, 4) * 20
+    assert save_label_png(small, tmp_path / "a.png") == "8-bit"
+    im = Image.open(tmp_path / "a.png")
+    assert im.mode == "L" and np.array_equal(np.asarray(im), small.numpy())
+    big = small * 30
+    assert save_label_png(big, tmp_path / "b.png") == "16-bit"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")).astype(np.int64), big.numpy())
+    with pytest.raises(ValueError, match="labels"):
+        save_label_png(-small, tmp_path / "c.png")
