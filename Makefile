@@ -14,8 +14,9 @@ setup:
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[dev]"
 
+# Two pytest workers on two cores: one torch thread each, or they oversubscribe and crawl.
 test:
-	$(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 lint:
 	$(PY) -m ruff check diffseg eval tests bench
@@ -27,6 +28,8 @@ format:
 
 bench:
 	$(PY) bench/bench_merge.py
+	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_data.py
 
 demo:
 	WANDB_MODE=offline $(PY) -m eval dataset=synthetic model=tiny

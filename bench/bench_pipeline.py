@@ -1,0 +1,231 @@
+"""Per-image time and peak memory of the DiffSeg pipeline, stage by stage.
+
+Stages: VAE encode (with preprocessing), UNet with self-attention capture, aggregation, merging.
+The baseline is a plain UNet forward with the default processors on the same latents in the same
+run; `capture/plain` is the capture overhead (goal < 1.25x). Models: `tiny` and the real SD 1.4 UNet
+and VAE configurations with random weights (`sd14`; no download). `--compare-capture` also times the
+two ways of capturing one SD 1.4 64x64 self-attention layer (probabilities @ V, which the processor
+uses, versus SDPA for the output plus a separate probability pass).
+
+    python bench/bench_pipeline.py                                   # CPU, tiny + sd14, batch 1
+    python bench/bench_pipeline.py --device cuda --batch-sizes 1 4 8 16
+    python bench/bench_pipeline.py --append bench/RESULTS.md         # add the table there
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from diffseg.aggregate import aggregate_attention
+from diffseg.attention import _attend, default_max_elements
+from diffseg.merge import segment_attention
+from diffseg.models import sd14_scheduler_config, sd14_unet_config, sd14_vae_config
+from diffseg.pipeline import DiffSegPipeline, _resolve_dtype
+
+STAGES = ("vae", "unet_plain", "unet_capture", "aggregate", "merge")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def _peak_memory(device: torch.device, out: dict[str, float], key: str):
+    """Peak extra memory (MiB) while the block runs: CUDA allocator peak, or sampled CPU RSS."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield
+        torch.cuda.synchronize()
+        out[key] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return
+    base = peak = _rss_bytes()
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        out[key] = (max(peak, _rss_bytes()) - base) / 2**20
+
+
+def _timed(fn: Callable, device: torch.device, times: dict, mem: dict, key: str):
+    with _peak_memory(device, mem, key):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[key] = time.perf_counter() - start
+    return result
+
+
+def build(model: str, device: str, dtype: str | None) -> DiffSegPipeline:
+    if model == "tiny":
+        return DiffSegPipeline.from_tiny(seed=0, device=device)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sd14_unet_config())
+    vae = AutoencoderKL(**sd14_vae_config())
+    embeds = torch.randn(1, 77, 768)  # stands in for CLIP's empty-prompt embedding
+    scheduler = DDPMScheduler.from_config(sd14_scheduler_config())
+    return DiffSegPipeline(unet, vae, scheduler, prompt_embeds=embeds, device=device, dtype=dtype)
+
+
+def run_once(pipe: DiffSegPipeline, batch: int, resolution: int) -> tuple[dict, dict]:
+    images = torch.rand(
+        batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)
+    )
+    times: dict[str, float] = {}
+    mem: dict[str, float] = {}
+    dev = pipe.device
+    latents = _timed(
+        lambda: pipe.encode_images(pipe.preprocess(images, resolution)), dev, times, mem, "vae"
+    )
+    context = pipe.encode_prompt("").expand(batch, -1, -1)
+    t = torch.tensor([300], device=dev)
+
+    def plain() -> None:
+        with torch.inference_mode():
+            pipe.unet(latents, t, encoder_hidden_states=context)
+
+    _timed(plain, dev, times, mem, "unet_plain")
+    attention = _timed(lambda: pipe.capture_attention(latents), dev, times, mem, "unet_capture")
+    with torch.inference_mode():
+        aggregated = _timed(
+            lambda: aggregate_attention(list(attention.values())), dev, times, mem, "aggregate"
+        )
+        _timed(lambda: segment_attention(aggregated, out_size=resolution), dev, times, mem, "merge")
+    return times, mem
+
+
+def compare_capture(device: torch.device, dtype: torch.dtype, repeats: int) -> list[str]:
+    """One SD 1.4 self-attention layer at 64x64 (8 heads of 40): three ways, best of `repeats`."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 8, 40, generator=g).transpose(1, 2) for _ in range(3))
+    q, k, v = (x.to(device, dtype) for x in (q, k, v))
+    scale = 40**-0.5
+
+    def sdpa_then_probs() -> None:
+        F.scaled_dot_product_attention(q, k, v)
+        _attend(q, k, v[..., :0], scale, None, default_max_elements(device))  # probabilities only
+
+    variants = {
+        "SDPA only (no capture)": lambda: F.scaled_dot_product_attention(q, k, v),
+        "probs @ V (used)": lambda: _attend(q, k, v, scale, None, default_max_elements(device)),
+        "SDPA + separate probs": sdpa_then_probs,
+        "probs @ V, 2^26-score chunks": lambda: _attend(q, k, v, scale, None, 2**26),
+    }
+    rows = ["| layer variant | seconds | ratio to SDPA |", "|---|---:|---:|"]
+    best = {}
+    with torch.inference_mode():
+        for name, fn in variants.items():
+            samples = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                samples.append(time.perf_counter() - start)
+            best[name] = min(samples)
+    base = best["SDPA only (no capture)"]
+    rows += [f"| {name} | {s:.3f} | {s / base:.2f}x |" for name, s in best.items()]
+    return rows
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: fp32 on CPU, fp16 on CUDA")
+    parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=["tiny", "sd14"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs (best is reported)")
+    parser.add_argument("--compare-capture", action="store_true")
+    parser.add_argument("--append", type=Path, help="append the tables to this Markdown file")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    header = (
+        "| model | batch | dtype | VAE s/img | UNet plain s/img | UNet capture s/img | "
+        "capture/plain | aggregate s/img | merge s/img | images/s | peak MiB (VAE / plain / "
+        "capture / agg / merge) |"
+    )
+    rows = [header, "|" + "---|" * 2 + "---|" + "---:|" * 8]
+    for model in args.models:
+        pipe = build(model, args.device, args.dtype)
+        for batch in args.batch_sizes:
+            for _ in range(args.warmup):
+                run_once(pipe, batch, args.resolution)
+            runs = [run_once(pipe, batch, args.resolution) for _ in range(args.repeats)]
+            times = {s: min(r[0][s] for r in runs) for s in STAGES}
+            mem = {s: max(r[1][s] for r in runs) for s in STAGES}
+            total = sum(times[s] for s in STAGES if s != "unet_plain")
+            per = {s: times[s] / batch for s in STAGES}
+            dtype = str(pipe.dtype).removeprefix("torch.")
+            rows.append(
+                f"| {model} | {batch} | {dtype} | {per['vae']:.3f} | {per['unet_plain']:.3f} | "
+                f"{per['unet_capture']:.3f} | {times['unet_capture'] / times['unet_plain']:.2f}x | "
+                f"{per['aggregate']:.3f} | {per['merge']:.3f} | {batch / total:.2f} | "
+                + " / ".join(f"{mem[s]:.0f}" for s in STAGES)
+                + " |"
+            )
+            print(rows[-1], flush=True)
+        del pipe
+    lines = [
+        f"Machine: {machine(device)}; resolution {args.resolution}; best of {args.repeats} "
+        f"after {args.warmup} warm-up run(s). Peak memory: extra over the stage's start "
+        f"({'CUDA allocator' if device.type == 'cuda' else 'sampled process RSS'}).",
+        "",
+        *rows,
+    ]
+    if args.compare_capture:
+        dtype = _resolve_dtype(args.dtype, device)
+        lines += ["", "Capture variants, one SD 1.4 layer at 64x64 (batch 1):", ""]
+        lines += compare_capture(device, dtype, repeats=3)
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write(f"\n## Pipeline ({args.device})\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
