@@ -10,6 +10,10 @@ uses, versus SDPA for the output plus a separate probability pass).
     python bench/bench_pipeline.py                                   # CPU, tiny + sd14, batch 1
     python bench/bench_pipeline.py --device cuda --batch-sizes 1 4 8 16
     python bench/bench_pipeline.py --append bench/RESULTS.md         # add the table there
+    python bench/bench_pipeline.py --device cuda --compile            # torch.compile'd UNet
+
+Outside fp32 (fp16 by default on CUDA) the `= fp32` column is the share of pixels whose label
+equals that of an fp32 pipeline with the same (seeded) weights on the same images.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffseg.aggregate import aggregate_attention
 from diffseg.attention import _attend, default_max_elements
 from diffseg.merge import segment_attention
-from diffseg.models import sd14_scheduler_config, sd14_unet_config, sd14_vae_config
+from diffseg.models import (
+    build_tiny,
+    sd14_scheduler_config,
+    sd14_unet_config,
+    sd14_vae_config,
+)
 from diffseg.pipeline import DiffSegPipeline, _resolve_dtype
 
 STAGES = ("vae", "unet_plain", "unet_capture", "aggregate", "merge")
@@ -51,6 +60,7 @@ def _peak_memory(device: torch.device, out: dict[str, float], key: str):
         yield
         torch.cuda.synchronize()
         out[key] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out["total"] = max(out.get("total", 0.0), torch.cuda.max_memory_allocated() / 2**20)
         return
     base = peak = _rss_bytes()
     stop = threading.Event()
@@ -85,7 +95,7 @@ def _timed(fn: Callable, device: torch.device, times: dict, mem: dict, key: str)
 
 def build(model: str, device: str, dtype: str | None) -> DiffSegPipeline:
     if model == "tiny":
-        return DiffSegPipeline.from_tiny(seed=0, device=device)
+        return DiffSegPipeline(**build_tiny(0), device=device, dtype=dtype)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**sd14_unet_config())
     vae = AutoencoderKL(**sd14_vae_config())
@@ -94,10 +104,15 @@ def build(model: str, device: str, dtype: str | None) -> DiffSegPipeline:
     return DiffSegPipeline(unet, vae, scheduler, prompt_embeds=embeds, device=device, dtype=dtype)
 
 
-def run_once(pipe: DiffSegPipeline, batch: int, resolution: int) -> tuple[dict, dict]:
-    images = torch.rand(
-        batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)
-    )
+def bench_images(batch: int, resolution: int) -> torch.Tensor:
+    return torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+
+
+def run_once(
+    pipe: DiffSegPipeline, batch: int, resolution: int, plain_pass: bool = True
+) -> tuple[dict, dict, torch.Tensor]:
+    """Stage times and peak memory of one batch, and its labels ``(B, R, R)``."""
+    images = bench_images(batch, resolution)
     times: dict[str, float] = {}
     mem: dict[str, float] = {}
     dev = pipe.device
@@ -111,14 +126,19 @@ def run_once(pipe: DiffSegPipeline, batch: int, resolution: int) -> tuple[dict, 
         with torch.inference_mode():
             pipe.unet(latents, t, encoder_hidden_states=context)
 
-    _timed(plain, dev, times, mem, "unet_plain")
+    if plain_pass:
+        _timed(plain, dev, times, mem, "unet_plain")
+    else:  # a compiled UNet keeps the capture processors installed: no plain pass to compare
+        times["unet_plain"], mem["unet_plain"] = float("nan"), float("nan")
     attention = _timed(lambda: pipe.capture_attention(latents), dev, times, mem, "unet_capture")
     with torch.inference_mode():
         aggregated = _timed(
             lambda: aggregate_attention(list(attention.values())), dev, times, mem, "aggregate"
         )
-        _timed(lambda: segment_attention(aggregated, out_size=resolution), dev, times, mem, "merge")
-    return times, mem
+        labels = _timed(
+            lambda: segment_attention(aggregated, out_size=resolution), dev, times, mem, "merge"
+        )
+    return times, mem, labels.cpu()
 
 
 def compare_capture(device: torch.device, dtype: torch.dtype, repeats: int) -> list[str]:
@@ -179,40 +199,56 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs (best is reported)")
     parser.add_argument("--compare-capture", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--append", type=Path, help="append the tables to this Markdown file")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     header = (
         "| model | batch | dtype | VAE s/img | UNet plain s/img | UNet capture s/img | "
-        "capture/plain | aggregate s/img | merge s/img | images/s | peak MiB (VAE / plain / "
-        "capture / agg / merge) |"
+        "capture/plain | aggregate s/img | merge s/img | images/s | = fp32 % | peak MiB (VAE / "
+        "plain / capture / agg / merge) | peak MiB total |"
     )
-    rows = [header, "|" + "---|" * 2 + "---|" + "---:|" * 8]
+    rows = [header, "|" + "---|" * 2 + "---|" + "---:|" * 10]
     for model in args.models:
         pipe = build(model, args.device, args.dtype)
+        # Same seeded weights in fp32: the reference labels for the agreement column.
+        ref = build(model, args.device, "float32") if pipe.dtype != torch.float32 else None
+        if args.compile:
+            pipe.compile_unet()
         for batch in args.batch_sizes:
             for _ in range(args.warmup):
-                run_once(pipe, batch, args.resolution)
-            runs = [run_once(pipe, batch, args.resolution) for _ in range(args.repeats)]
+                run_once(pipe, batch, args.resolution, plain_pass=not args.compile)
+            runs = [
+                run_once(pipe, batch, args.resolution, plain_pass=not args.compile)
+                for _ in range(args.repeats)
+            ]
             times = {s: min(r[0][s] for r in runs) for s in STAGES}
-            mem = {s: max(r[1][s] for r in runs) for s in STAGES}
+            mem = {s: max(r[1][s] for r in runs) for s in [*STAGES, "total"] if s in runs[0][1]}
             total = sum(times[s] for s in STAGES if s != "unet_plain")
             per = {s: times[s] / batch for s in STAGES}
             dtype = str(pipe.dtype).removeprefix("torch.")
+            same = 100.0
+            if ref is not None:
+                with torch.inference_mode():
+                    expected = ref(bench_images(batch, args.resolution), resolution=args.resolution)
+                same = (runs[0][2] == expected).double().mean().item() * 100
             rows.append(
                 f"| {model} | {batch} | {dtype} | {per['vae']:.3f} | {per['unet_plain']:.3f} | "
                 f"{per['unet_capture']:.3f} | {times['unet_capture'] / times['unet_plain']:.2f}x | "
                 f"{per['aggregate']:.3f} | {per['merge']:.3f} | {batch / total:.2f} | "
+                f"{same:.2f} | "
                 + " / ".join(f"{mem[s]:.0f}" for s in STAGES)
-                + " |"
+                + f" | {mem.get('total', float('nan')):.0f} |"
             )
             print(rows[-1], flush=True)
-        del pipe
+        del pipe, ref
     lines = [
         f"Machine: {machine(device)}; resolution {args.resolution}; best of {args.repeats} "
         f"after {args.warmup} warm-up run(s). Peak memory: extra over the stage's start "
-        f"({'CUDA allocator' if device.type == 'cuda' else 'sampled process RSS'}).",
+        f"({'CUDA allocator' if device.type == 'cuda' else 'sampled process RSS'}); total: "
+        "the CUDA allocator's peak, weights included (CUDA only)."
+        + (" UNet torch.compile'd." if args.compile else ""),
         "",
         *rows,
     ]

@@ -30,8 +30,9 @@ from contextlib import contextmanager
 import torch
 from diffusers.models.attention_processor import Attention
 
-# Scores per chunk. CPU: small chunks stay in cache and were ~2x faster than 256 MiB ones for SD's
-# 64x64 layers (bench/bench_pipeline.py --compare-capture); CUDA: large chunks avoid launch-bound loops.
+# Scores per chunk. CPU: 4 MiB chunks were as fast as or up to 2x faster than 256 MiB ones on SD's
+# 64x64 layers (bench/bench_pipeline.py --compare-capture) and keep capture's extra memory near the
+# per-resolution sums; CUDA: large chunks, so the loop does not become launch-bound.
 CPU_MAX_ELEMENTS = 2**20  # 4 MiB of float32 scores
 CUDA_MAX_ELEMENTS = 2**28
 

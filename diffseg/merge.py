@@ -76,25 +76,38 @@ def _first_merge(maps: torch.Tensor, grid: torch.Tensor, threshold: float) -> to
     return (close @ maps) / close.sum(dim=1, keepdim=True)
 
 
+def greedy_groups(close: torch.Tensor) -> torch.Tensor:
+    """The greedy walk of a later iteration on a boolean ``close (K, K)`` (diagonal set).
+
+    In order, a proposal not yet matched becomes an anchor; its group is every proposal close to
+    it (matched earlier or not), and those become matched. Returns the groups as a boolean
+    ``(G, K)`` on the CPU. ``K <= num_points**2`` (256 by default), so the walk is cheap on the CPU
+    and needs a single device-to-host copy of ``close``.
+    """
+    close = close.cpu()
+    matched = torch.zeros(close.shape[0], dtype=torch.bool)
+    groups = []
+    for i in range(close.shape[0]):
+        if not matched[i]:
+            matched |= close[i]
+            groups.append(close[i])
+    return torch.stack(groups)
+
+
 def _later_merge(proposals: torch.Tensor, threshold: float) -> torch.Tensor:
     """A later iteration: walk the proposals ``(K, S*S)`` in order, merging unmatched anchors.
 
     An unmatched proposal's new proposal is the mean of all proposals (matched earlier or not)
-    within ``threshold``, itself included; those become matched.
+    within ``threshold``, itself included; those become matched. The KL matrix is computed once,
+    the walk (:func:`greedy_groups`) runs on the CPU, and the means are one matrix product on the
+    proposals' device: no host round trip per proposal.
     """
     s = math.isqrt(proposals.shape[1])
     as_maps = proposals.reshape(-1, s, s)
     close = kl_matrix(as_maps, as_maps) < threshold
     close.fill_diagonal_(True)
-    matched = torch.zeros(len(proposals), dtype=torch.bool)
-    merged = []
-    for i in range(len(proposals)):
-        if matched[i]:
-            continue
-        members = close[i].cpu()
-        matched |= members
-        merged.append(proposals[members.to(proposals.device)].mean(dim=0))
-    return torch.stack(merged)
+    groups = greedy_groups(close).to(proposals.device, proposals.dtype)
+    return (groups @ proposals) / groups.sum(dim=1, keepdim=True)
 
 
 def kmeans_refine(

@@ -30,7 +30,12 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffseg.aggregate import aggregate_attention
-from diffseg.attention import capture_self_attention, self_attention_layers
+from diffseg.attention import (
+    AttentionStore,
+    SelfAttentionCaptureProcessor,
+    capture_self_attention,
+    self_attention_layers,
+)
 from diffseg.merge import merge_attention, proposals_to_labels, segment_attention
 from diffseg.models import build_tiny
 
@@ -162,6 +167,8 @@ class DiffSegPipeline:
         self.scheduler = scheduler
         self.capture_max_elements = capture_max_elements
         self._prompt_embeds: dict[str, torch.Tensor] = {}
+        # Set by compile_unet: the capture processors then stay installed, feeding this store.
+        self._capture_store: AttentionStore | None = None
         if prompt_embeds is not None:
             self._prompt_embeds[""] = self._check_embeds(prompt_embeds)
         self.num_self_attention_layers = len(self_attention_layers(self.unet))
@@ -378,14 +385,39 @@ class DiffSegPipeline:
             eps = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
             latents = self.scheduler.add_noise(latents, eps, t)
         context = self.encode_prompt(prompt).expand(latents.shape[0], -1, -1)
-        with capture_self_attention(self.unet, max_elements=self.capture_max_elements) as store:
+        if self._capture_store is not None:
+            store = self._capture_store
+            store.reset()
             self.unet(latents, t, encoder_hidden_states=context)
+        else:
+            with capture_self_attention(self.unet, max_elements=self.capture_max_elements) as store:
+                self.unet(latents, t, encoder_hidden_states=context)
         if sum(store.counts.values()) != self.num_self_attention_layers:
             raise RuntimeError(
                 f"captured {sum(store.counts.values())} self-attention layers, expected "
                 f"{self.num_self_attention_layers}"
             )
         return dict(zip(store.resolutions, store.averaged(), strict=True))
+
+    def compile_unet(self, **options: Any) -> None:
+        """`torch.compile` the UNet (in place, `nn.Module.compile`; `options` go to it, e.g.
+        `mode="max-autotune"` or `backend="eager"`).
+
+        The capture processors are installed for good first, writing into one store that each
+        `capture_attention` resets: swapping processors per call (what `capture_self_attention`
+        does) would make every call recompile. A no-op when already compiled. Worth it on CUDA for
+        many batches of one shape; the first calls pay for compilation.
+        """
+        if self._capture_store is not None:
+            return
+        store = AttentionStore()
+        processor = SelfAttentionCaptureProcessor(store, self.capture_max_elements)
+        layers = set(self_attention_layers(self.unet))
+        self.unet.set_attn_processor(
+            {n: processor if n in layers else p for n, p in self.unet.attn_processors.items()}
+        )
+        self.unet.compile(**options)
+        self._capture_store = store
 
     def _check_resolution(self, resolution: int) -> None:
         multiple = self.vae_scale_factor * self.latent_multiple
@@ -395,6 +427,42 @@ class DiffSegPipeline:
                 f"(VAE factor {self.vae_scale_factor} x UNet factor {self.latent_multiple}), "
                 f"got {resolution!r}"
             )
+
+    def _attend(
+        self,
+        images: torch.Tensor | Sequence[Image.Image],
+        timestep: int,
+        weights: Sequence[float] | None,
+        resolution: int,
+        prompt: str,
+        noise: bool,
+        seed: int,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Preprocess, encode, one UNet pass: (per-resolution attention, aggregated attention)."""
+        self._check_resolution(resolution)
+        pixels = self.preprocess(images, resolution)
+        latents = self.encode_images(pixels)
+        attention = self.capture_attention(latents, timestep, prompt, noise, seed)
+        with torch.inference_mode():
+            aggregated = aggregate_attention(list(attention.values()), weights)
+        return attention, aggregated
+
+    def aggregate(
+        self,
+        images: torch.Tensor | Sequence[Image.Image],
+        timestep: int = 300,
+        weights: Sequence[float] | None = None,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """The aggregated self-attention `(B, S, S, S, S)` of a batch (`S = resolution / 8` for SD).
+
+        Everything `__call__` does before merging (same arguments, same meaning), for segmenters
+        other than DiffSeg's merging (e.g. `diffseg.kmeans`). Stays on the pipeline's device.
+        """
+        return self._attend(images, timestep, weights, resolution, prompt, noise, seed)[1]
 
     def __call__(
         self,
@@ -416,12 +484,10 @@ class DiffSegPipeline:
         `noise`: add scheduler noise at `timestep` (drawn for the whole batch from `seed`); off in
         the official method. Labels are returned on the CPU; intermediates stay on the device.
         """
-        self._check_resolution(resolution)
-        pixels = self.preprocess(images, resolution)
-        latents = self.encode_images(pixels)
-        attention = self.capture_attention(latents, timestep, prompt, noise, seed)
+        attention, aggregated = self._attend(
+            images, timestep, weights, resolution, prompt, noise, seed
+        )
         with torch.inference_mode():
-            aggregated = aggregate_attention(list(attention.values()), weights)
             if not return_intermediates:
                 return segment_attention(
                     aggregated, kl_threshold, num_points, refine, out_size=resolution

@@ -1,7 +1,8 @@
 """``python -m eval [overrides]``: compose ``conf/config.yaml`` with Hydra and run the evaluation.
 
 Kept thin so that ``--cfg job``, ``--help`` and composition errors (an unknown dataset, a bad
-override) answer before torch or any model is imported.
+override) answer before torch or any model is imported (except under torchrun, where the
+process group starts first: see ``eval.distributed``).
 """
 
 from __future__ import annotations
@@ -26,14 +27,36 @@ def fail(error: BaseException) -> None:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """Returns the run's mIoU (a fraction), the objective Hydra sweepers such as Optuna read."""
     from eval.run import evaluate
 
     try:
-        evaluate(cfg)
+        outputs = evaluate(cfg)
+        # Under torchrun only rank 0 has the results; the other ranks return nan.
+        return float(outputs.results["miou"]) if outputs is not None else float("nan")
     except Exception as e:
         fail(e)
 
 
+def start_distributed() -> None:
+    """Under torchrun (``WORLD_SIZE > 1``): start the process group and give every rank rank 0's
+    clock (``DIFFSEG_RUN_TIME``, read by ``hydra.run.dir``), so all ranks share one run directory;
+    ranks other than 0 leave ``.hydra/`` to rank 0."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return
+    from eval import distributed
+
+    rank = distributed.init()
+    distributed.shared_run_time()
+    if not rank.is_main and not any(a.startswith("hydra.output_subdir=") for a in sys.argv):
+        sys.argv.append("hydra.output_subdir=null")
+
+
 if __name__ == "__main__":
-    main()
+    start_distributed()
+    try:
+        main()
+    finally:
+        if "eval.distributed" in sys.modules:
+            sys.modules["eval.distributed"].shutdown()

@@ -32,18 +32,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from eval import visualize
+from eval import attention_cache, distributed, visualize
 from eval.logging import (
     JsonlAppender,
     append_ledger,
     read_json_or_none,
-    read_jsonl,
     write_csv_atomic,
     write_json_atomic,
     write_text_atomic,
 )
 from eval.matching import match_per_image
 from eval.metrics import HungarianIoU, scores_from_counts
+from eval.protocol import Protocol, ProtocolData, Scoring, check_resolution_pair, dataset_options
+from eval.protocol import scoring as protocol_scoring
+from eval.segmenters import segment_batch, segmenter_call
 
 RESULT_COLUMNS = (
     "run_id",
@@ -191,6 +193,9 @@ def _pinned(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         if k not in UNPINNED_DATASET_KEYS
     }
     pinned["device_type"] = device.type
+    if cfg.get("cache") and cfg.cache.attention:
+        # Segmenting stored (rounded) attention can change labels; absent when off, as before.
+        pinned["attention_cache"] = cfg.cache.dtype
     return pinned
 
 
@@ -376,8 +381,11 @@ def _predict(
     try:
         if len({tuple(it["image"].shape) for it in items}) == 1:
             images = torch.stack([it["image"] for it in items]).to(device, non_blocking=True)
-            return list(pipeline(images, **call).cpu())
-        return [pipeline(it["image"][None].to(device), **call)[0].cpu() for it in items]
+            return list(segment_batch(pipeline, images, items, call).cpu())
+        return [
+            segment_batch(pipeline, it["image"][None].to(device), [it], call)[0].cpu()
+            for it in items
+        ]
     except torch.OutOfMemoryError as e:
         lower = (
             f"lower it, e.g. batch_size={max(1, batch_size // 2)}"
@@ -401,6 +409,8 @@ def _loop(
     call: dict,
     logger: Any,
     n_total: int,
+    rank: distributed.Rank = distributed.SINGLE,
+    score: Scoring | None = None,
 ) -> None:
     run_dir = Path(cfg.paths.output_dir)
     loader = DataLoader(
@@ -410,8 +420,16 @@ def _loop(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    appender = JsonlAppender(run_dir / "per_image.jsonl")
-    bar = tqdm(total=n_total, initial=len(records), desc=str(cfg.dataset.name), unit="img")
+    appender = JsonlAppender(distributed.records_file(run_dir, rank.rank))
+    # Under torchrun only rank 0 shows a bar, for its own share (and the running metrics of it).
+    desc = str(cfg.dataset.name) + (f" (rank 0 of {rank.world_size})" if rank.distributed else "")
+    bar = tqdm(
+        total=len(records) + len(todo),
+        initial=len(records),
+        desc=desc,
+        unit="img",
+        disable=not rank.is_main,
+    )
     try:
         start = time.perf_counter()
         for batch in loader:
@@ -420,6 +438,10 @@ def _loop(
                 preds = _predict(pipeline, batch["items"], device, call, cfg.batch_size)
                 labels = [item["label"] for item in batch["items"]]
                 preds = [_to_label_size(p, y) for p, y in zip(preds, labels, strict=True)]
+                if score is not None:
+                    # The protocol's scoring view (eval/protocol.py): size, background, PAMR.
+                    batch["items"], preds = score.batch(batch["items"], preds)
+                    labels = [item["label"] for item in batch["items"]]
                 scored = [
                     _score_item(i, item, pred, dataset.n_class, run_dir, cfg)
                     for i, item, pred in zip(batch["index"], batch["items"], preds, strict=True)
@@ -492,7 +514,7 @@ def _finish(
         "run_id": run_id,
         "timestamp": _now(),
         "experiment": cfg.experiment or names.get("experiment") or "",
-        "protocol": cfg.protocol,
+        "protocol": cfg.protocol.name,
         "dataset": cfg.dataset.name,
         "split": cfg.dataset.get("split") or "",
         "model": names["model"],
@@ -541,8 +563,11 @@ def _finish(
     return Outputs(run_dir, row, Path(cfg.paths.ledger), False, n_skipped, len(pictures))
 
 
-def evaluate(cfg: DictConfig) -> Outputs:
+def evaluate(cfg: DictConfig) -> Outputs | None:
     """Run the evaluation that ``cfg`` (the composed ``conf/config.yaml``) describes.
+
+    Under ``torchrun`` (``eval.distributed``) every rank evaluates its share of the images; rank 0
+    returns the outputs, the other ranks None.
 
     Errors that stop the run (missing data, a model that cannot be loaded, out of memory) leave no
     ledger row; finished images stay in ``per_image.jsonl`` for a resume.
@@ -555,28 +580,40 @@ def evaluate(cfg: DictConfig) -> Outputs:
     _check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    rank = distributed.current()
+    device = distributed.device_for(resolve_device(cfg.device), rank)
     seed_everything(cfg.seed)
 
-    ds_kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
+    protocol = Protocol.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
+    if cfg.dataset.name in protocol.splits:  # the protocol's split, recorded as the run's
+        cfg.dataset.split = protocol.splits[cfg.dataset.name]
+    ds_kwargs = dataset_options(protocol, OmegaConf.to_container(cfg.dataset, resolve=True))
     ds_kwargs.pop("kl_threshold", None)
     dataset = get_dataset(**ds_kwargs)
+    if protocol.transforms_data:
+        dataset = ProtocolData(dataset, protocol, cfg.dataset.name)
+    score = protocol_scoring(protocol, dataset, cfg.dataset.name)
     n_total = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
     if n_total == 0:
         raise RunError(f"dataset {cfg.dataset.name} ({cfg.dataset.get('split')}) has no images")
 
-    run_id = open_run_state(run_dir, _pinned(cfg, device), cfg)["run_id"]
-    records = {
-        r["index"]: r
-        for r in read_jsonl(run_dir / "per_image.jsonl", repair=True)
-        if r["index"] < n_total
-    }
-    todo = [i for i in range(n_total) if i not in records]
+    def open_run() -> tuple[str, dict[int, dict[str, Any]]]:
+        run_id = open_run_state(run_dir, _pinned(cfg, device), cfg)["run_id"]
+        return run_id, distributed.read_records(run_dir, n_total)
 
+    # Rank 0 reads (and repairs) the per-image logs before any rank appends, so all ranks split
+    # the same list of images still to do.
+    run_id, records = distributed.on_main(open_run, rank)
+    todo = distributed.shard(
+        [i for i in range(n_total) if i not in records], rank.rank, rank.world_size
+    )
+    if not rank.is_main:
+        records = {}  # rank 0 holds (and scores) the finished images; this rank only its new ones
+
+    resolution = protocol.resolution or cfg.dataset.get("resolution") or 512
+    check_resolution_pair(protocol, resolution)
     segmenter = OmegaConf.to_container(cfg.segmenter, resolve=True)
-    segmenter.pop("name")
-    resolution = cfg.dataset.get("resolution") or 512
-    call = {**segmenter, "resolution": resolution, "seed": cfg.seed}
+    call = segmenter_call(segmenter, resolution, cfg.seed)
     choices = HydraConfig.get().runtime.choices
     names = {
         "model": choices.get("model") or "custom",
@@ -584,25 +621,49 @@ def evaluate(cfg: DictConfig) -> Outputs:
         "resolution": resolution,
     }
     pipeline = hydra.utils.instantiate(cfg.model, device=device) if todo else None
+    if pipeline is not None and cfg.get("compile"):
+        pipeline.compile_unet()
+    if pipeline is not None and cfg.get("cache") and cfg.cache.attention:
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        pipeline = attention_cache.from_config(
+            pipeline, cfg.cache, model_cfg, device, resolution, len(todo)
+        )
 
-    metric = HungarianIoU(dataset.n_class)
+    # Running values stay per process; the states are reduced once, after the loop.
+    metric = HungarianIoU(dataset.n_class, sync_on_compute=False)
     for index in sorted(records):
         if not records[index].get("skipped"):
             _merge_record(metric, records[index])
 
     config = OmegaConf.to_container(cfg, resolve=True)
     # Not recursive: the config holds `_target_` keys of its own (model, logger).
-    logger = hydra.utils.instantiate(
-        cfg.logger,
-        run_dir=run_dir,
-        run_config=config,
-        run_id=run_id,
-        _recursive_=False,
-        _convert_="all",
+    logger = (
+        hydra.utils.instantiate(
+            cfg.logger,
+            run_dir=run_dir,
+            run_config=config,
+            run_id=run_id,
+            _recursive_=False,
+            _convert_="all",
+        )
+        if rank.is_main
+        else distributed.NullLogger()
     )
     try:
         if todo:
-            _loop(cfg, dataset, todo, records, metric, pipeline, device, call, logger, n_total)
+            args = (cfg, dataset, todo, records, metric, pipeline, device, call, logger, n_total)
+            _loop(*args, rank, score)
+            if isinstance(pipeline, attention_cache.CachedAttentionPipeline):
+                prefix = f"rank {rank.rank}: " if rank.distributed else ""
+                print(prefix + pipeline.cache.summary())
+        if rank.distributed:
+            others = distributed.gather_records([] if rank.is_main else records.values(), rank)
+            distributed.sync_metric(metric, rank)
+            if not rank.is_main:
+                logger.finish()
+                return None
+            records.update({r["index"]: r for r in others})
+            distributed.merge_rank_files(run_dir, list(records.values()))
         outputs = _finish(cfg, dataset, records, metric, run_id, device, logger, names)
     except BaseException:
         logger.finish(exit_code=1)

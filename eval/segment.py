@@ -88,24 +88,30 @@ def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]
     from eval import visualize
     from eval.datasets.base import center_crop, read_image, resize_image
     from eval.run import resolve_device, seed_everything
+    from eval.segmenters import GT, segment_batch, segmenter_call
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    call = OmegaConf.to_container(cfg.segmenter, resolve=True)
-    call.pop("name")
-    call.update(resolution=cfg.resolution, seed=cfg.seed)
+    call = segmenter_call(
+        OmegaConf.to_container(cfg.segmenter, resolve=True), cfg.resolution, cfg.seed
+    )
+    if call.get("n_clusters") == GT:
+        raise ValueError(
+            f"segmenter={call['name']} takes its cluster count from ground truth, which a plain "
+            "image does not have; use segmenter=kmeans_c or segmenter.n_clusters=N"
+        )
     pipeline = hydra.utils.instantiate(cfg.model, device=device)
 
     results, used = [], set()
     for path in images:
         rgb = torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255.0
         image = resize_image(center_crop(rgb), cfg.resolution).clamp_(0.0, 1.0)
-        labels = pipeline(image[None].to(device), **call)[0].cpu()
         name = path.stem
         while name in used:  # same file name in two folders
             name += "_"
         used.add(name)
+        labels = segment_batch(pipeline, image[None].to(device), [{"id": name}], call)[0].cpu()
         depth = visualize.save_label_png(labels, out_dir / f"{name}_labels.png")
         visualize.save_segmentation(
             visualize.to_uint8_image(image), labels, out_dir / f"{name}_segments.png"

@@ -69,3 +69,29 @@ def test_split_argv_separates_paths_from_hydra_arguments(tmp_path: Path, monkeyp
     assert hydra_args == ["model=tiny", "--cfg", "job", "segmenter.kl_threshold=[1,1,1]"]
     with pytest.raises(FileNotFoundError, match=r"missing\.jpg"):
         split_argv(["missing.jpg", "model=tiny"])
+
+
+def _run_segment(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "eval.segment", *args, f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_segment_runs_the_kmeans_baseline_and_refuses_ground_truth_counts(tmp_path: Path) -> None:
+    _scene(tmp_path / "img.png", (64, 64), seed=2)
+    common = ["img.png", "model=tiny", "resolution=64"]
+    proc = _run_segment(tmp_path, *common, "segmenter=kmeans_c", "segmenter.n_clusters=3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    values = np.unique(np.asarray(Image.open(tmp_path / "out" / "img_labels.png")))
+    assert 1 <= len(values) <= 3 and values.max() < 3
+    proc = _run_segment(tmp_path, *common, "segmenter=kmeans_s")
+    assert proc.returncode != 0
+    assert "ground truth" in proc.stdout + proc.stderr

@@ -1,0 +1,85 @@
+"""What the attention cache saves on a merging sweep point: time per image of the plain pipeline,
+of a cache miss (compute + store) and of a cache hit (read + aggregate + merge), with the stored
+size and the share of pixels whose label equals the uncached pipeline's.
+
+    python bench/bench_attention_cache.py                      # CPU: tiny at 512, sd14 config at 512
+    python bench/bench_attention_cache.py --device cuda --models sd14 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_pipeline import bench_images, build, machine
+
+from eval.attention_cache import AttentionCache, CachedAttentionPipeline, bytes_per_image
+
+
+def _seconds(device: torch.device, fn, *args, **kwargs):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=["tiny", "sd14"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--cache-dtype", default="float16")
+    parser.add_argument("--append", type=Path, help="append the table to this Markdown file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [
+        "| model | batch | plain s/img | miss s/img | hit s/img | plain/hit | MiB/img stored | "
+        "labels = uncached % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    images = bench_images(args.batch, args.resolution)
+    call = {"resolution": args.resolution}
+    for model in args.models:
+        pipe = build(model, args.device, args.dtype)
+        pipe(images, **call)  # warm-up
+        plain, expected = _seconds(device, pipe, images, **call)
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = AttentionCache(tmp, {"model": model}, args.cache_dtype)
+            cached = CachedAttentionPipeline(pipe, cache)
+            miss, _ = _seconds(device, cached, images, **call)
+            hit, labels = _seconds(device, cached, images, **call)
+            assert (cache.hits, cache.misses) == (args.batch, args.batch)
+            stored = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
+        same = (labels == expected).double().mean().item() * 100
+        b = args.batch
+        rows.append(
+            f"| {model} | {b} | {plain / b:.3f} | {miss / b:.3f} | {hit / b:.3f} | "
+            f"{plain / hit:.1f}x | {stored / b / 2**20:.1f} | {same:.2f} |"
+        )
+        print(rows[-1], flush=True)
+        expected_bytes = bytes_per_image(pipe, args.resolution, args.cache_dtype)
+        assert abs(stored / b - expected_bytes) < 2**16, (stored / b, expected_bytes)
+    text = "\n".join(
+        [
+            f"Machine: {machine(device)}; resolution {args.resolution}; cache dtype "
+            f"{args.cache_dtype}; one timed run each after a warm-up of the plain pipeline.",
+            "",
+            *rows,
+        ]
+    )
+    print("\n" + text)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write(f"\n## Attention cache ({args.device})\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

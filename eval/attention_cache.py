@@ -1,0 +1,243 @@
+"""An on-disk cache of each image's per-resolution self-attention, for cheap merge-parameter sweeps.
+
+DiffSeg's cost is the UNet pass; the merging (``kl_threshold``, ``num_points``, ``refine``) and the
+K-means baselines only read the block-averaged attention. With ``cache.attention=true`` the
+harness stores, per image, the attention maps ``(r*r, r*r)`` of every resolution ``r`` in
+``cache.dtype`` (float16 by default) as one safetensors file, and a later run with the same
+model and capture settings reads them instead of running the VAE and UNet.
+
+Key (SHA-256 of a JSON document): the model config (target, name or path, revision, dtype,
+seed), the device type and compute dtype, the storage dtype, the image's content (its float32
+pixels and shape, so the dataset, its preprocessing and the image id are all covered), the
+``resolution``, ``timestep``, ``prompt``, ``noise`` and ``seed``. With ``noise=true`` the noise is
+drawn for the whole batch, so the key also holds the batch's image hashes and the image's
+position: such entries are reused only with the same batching.
+
+The stored values are rounded to the storage dtype, and a run with the cache always segments the
+rounded values (computed or read), so every run with the cache gives the same numbers; float16
+keeps ~3 significant digits (``cache.dtype=float32`` keeps the attention exact: the labels then
+equal an uncached run). Files are written to a temporary name and moved into place
+(``os.replace``), so concurrent runs and kills never leave half a file; a file that cannot be
+read is computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from diffseg.aggregate import aggregate_attention
+from diffseg.merge import segment_attention
+
+CACHE_VERSION = 1
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def image_hash(image: torch.Tensor) -> str:
+    """SHA-256 of an image ``(3, H, W)``: its shape and float32 pixel bytes."""
+    data = image.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(repr(tuple(data.shape)).encode())
+    h.update(data.numpy().tobytes())
+    return h.hexdigest()
+
+
+class AttentionCache:
+    """Files ``<directory>/<key[:2]>/<key>.safetensors``, one per image and setting.
+
+    ``context``: everything outside the image and the call that decides the attention (model
+    config, device type, compute dtype); ``dtype``: the storage dtype name.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, context: Mapping[str, Any], dtype: str = "float16"
+    ) -> None:
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"cache.dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+        self.directory = Path(directory).expanduser()
+        self.context = {"version": CACHE_VERSION, "dtype": dtype, **context}
+        self.dtype = STORAGE_DTYPES[dtype]
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, image_sha: str, settings: Mapping[str, Any]) -> str:
+        blob = json.dumps(
+            {**self.context, "image": image_sha, **settings}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str) -> dict[int, torch.Tensor] | None:
+        """Resolution -> ``(N, N)`` in the storage dtype, or None when absent or unreadable."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(path)
+        except (OSError, SafetensorError):
+            return None
+        return {int(name.removeprefix("r")): t for name, t in tensors.items()}
+
+    def save(self, key: str, attention: Mapping[int, torch.Tensor]) -> None:
+        """Store resolution -> ``(N, N)`` (already in the storage dtype), atomically."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            tensors = {f"r{r}": t.detach().cpu().contiguous() for r, t in attention.items()}
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def summary(self) -> str:
+        return (
+            f"attention cache {self.directory}: {self.hits} image(s) read, "
+            f"{self.misses} computed (UNet run for these only)"
+        )
+
+
+def bytes_per_image(pipeline: Any, resolution: int, dtype: str) -> int:
+    """Stored bytes per image: ``sum_r (r*r)**2 * itemsize`` over the UNet's attention resolutions
+    (latent size ``resolution / vae factor``, halved per down block)."""
+    latent = resolution // pipeline.vae_scale_factor
+    levels = len(pipeline.unet.config.down_block_types)
+    itemsize = STORAGE_DTYPES[dtype].itemsize
+    return sum((latent >> i) ** 4 for i in range(levels) if latent >> i) * itemsize
+
+
+class CachedAttentionPipeline:
+    """A ``DiffSegPipeline`` whose attention comes from an :class:`AttentionCache` when stored.
+
+    ``__call__`` and ``aggregate`` take the pipeline's arguments and give its results, computed
+    from the (stored-precision) attention; every other attribute is the pipeline's.
+    """
+
+    def __init__(self, pipeline: Any, cache: AttentionCache) -> None:
+        self.pipeline = pipeline
+        self.cache = cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+    def _compute(
+        self, images: torch.Tensor, timestep: int, resolution: int, prompt: str, noise: bool, seed
+    ) -> dict[int, torch.Tensor]:
+        pipe = self.pipeline
+        latents = pipe.encode_images(pipe.preprocess(images, resolution))
+        return pipe.capture_attention(latents, timestep, prompt, noise, seed)
+
+    def attention(
+        self,
+        images: torch.Tensor,
+        timestep: int = 300,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+    ) -> dict[int, torch.Tensor]:
+        """Resolution (largest first) -> ``(B, r*r, r*r)`` float32 on the pipeline's device, read
+        from the cache where stored; the UNet runs only for the images that are not."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError(
+                "the attention cache takes images as a float tensor (B, 3, H, W), got "
+                f"{type(images).__name__}"
+            )
+        self.pipeline._check_resolution(resolution)
+        settings = {"timestep": int(timestep), "resolution": resolution, "prompt": prompt}
+        settings.update(noise=bool(noise), seed=int(seed) if noise else None)
+        hashes = [image_hash(image) for image in images]
+        keys = [
+            self.cache.key(h, {**settings, **({"batch": hashes, "position": i} if noise else {})})
+            for i, h in enumerate(hashes)
+        ]
+        stored = [self.cache.load(k) for k in keys]
+        missing = [i for i, s in enumerate(stored) if s is None]
+        if missing:
+            # With noise the batch's noise depends on the whole batch: compute all of it.
+            run = list(range(len(images))) if noise else missing
+            computed = self._compute(images[run], timestep, resolution, prompt, noise, seed)
+            for j, i in enumerate(run):
+                if stored[i] is None:
+                    stored[i] = {r: a[j].to(self.cache.dtype) for r, a in computed.items()}
+                    self.cache.save(keys[i], stored[i])
+        self.cache.misses += len(missing)
+        self.cache.hits += len(images) - len(missing)
+        resolutions = sorted(stored[0], reverse=True)
+        device = self.pipeline.device
+        return {
+            r: torch.stack([s[r] for s in stored]).to(device, torch.float32) for r in resolutions
+        }
+
+    @torch.inference_mode()
+    def aggregate(
+        self,
+        images: torch.Tensor,
+        timestep: int = 300,
+        weights: Sequence[float] | None = None,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """As ``DiffSegPipeline.aggregate``: aggregated attention ``(B, S, S, S, S)``."""
+        attention = self.attention(images, timestep, resolution, prompt, noise, seed)
+        return aggregate_attention(list(attention.values()), weights)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        images: torch.Tensor,
+        timestep: int = 300,
+        kl_threshold: Sequence[float] = (1.1, 1.1, 1.1),
+        num_points: int = 16,
+        refine: bool = False,
+        weights: Sequence[float] | None = None,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """As ``DiffSegPipeline.__call__``: labels ``(B, resolution, resolution)`` on the CPU."""
+        aggregated = self.aggregate(images, timestep, weights, resolution, prompt, noise, seed)
+        return segment_attention(
+            aggregated, kl_threshold, num_points, refine, out_size=resolution
+        ).cpu()
+
+
+def from_config(
+    pipeline: Any,
+    cache_cfg: Mapping[str, Any],
+    model_cfg: Mapping[str, Any],
+    device: torch.device,
+    resolution: int,
+    n_images: int,
+    echo: Callable[[str], None] = print,
+) -> CachedAttentionPipeline:
+    """The harness' wrapper: ``cache_cfg`` is ``cfg.cache`` (``dir``, ``dtype``), ``model_cfg`` the
+    resolved ``cfg.model``. Prints the size estimate for ``n_images`` before the run starts."""
+    dtype = cache_cfg.get("dtype", "float16")
+    context = {
+        "model": dict(model_cfg),
+        "device_type": device.type,
+        "compute_dtype": str(pipeline.dtype),
+    }
+    cache = AttentionCache(cache_cfg["dir"], context, dtype)
+    per_image = bytes_per_image(pipeline, resolution, dtype)
+    echo(
+        f"attention cache: {per_image / 2**20:.1f} MiB per image ({dtype}) x {n_images} images "
+        f"= {per_image * n_images / 2**30:.2f} GiB at most, in {cache.directory}"
+    )
+    return CachedAttentionPipeline(pipeline, cache)

@@ -1,0 +1,349 @@
+"""Scoring protocols (``conf/protocol/*.yaml``): what the model sees and what is scored.
+
+* ``diffseg`` (default): the official DiffSeg notebook. The dataset's own preprocessing (square
+  centre crop of side ``min(H, W)``, resize to ``dataset.resolution``), labels scored at that size
+  with the per-image Hungarian matching of ``eval.matching``. Every step here is the identity.
+* ``diffcut``: the protocol under which DiffCut (Couairon et al., NeurIPS 2024; code
+  ``PaulCouairon/DiffCut``: ``dataloader/iterator.py``, ``eval_diffcut.py``, ``tools/utils.py``)
+  re-evaluated DiffSeg on six datasets. As read from that code:
+
+  1. Crop (:func:`crop_min_minus_one`): torchvision ``CenterCrop`` to a square of side
+     ``c = min(H, W) - 1``, offsets ``round((H - c) / 2)``, ``round((W - c) / 2)`` (Python's
+     round, half to even).
+  2. Resize to ``resolution`` (1024): the image bilinearly (half-pixel centres, no antialiasing:
+     ``antialias=None`` on a tensor), the label with ``NEAREST_EXACT`` (source pixel
+     ``floor((i + 0.5) * c / R)``).
+  3. Score at ``score_resolution`` (128): the label is downsampled with ``F.interpolate``'s
+     default ``nearest`` (source pixel ``floor(i * R / S)``, the top-left pixel of each 8x8 block
+     at 1024 -> 128). DiffCut predicts its masks directly at 128; our segmenters predict at the
+     input resolution, so their labels are downsampled with the *same* rule as the ground truth
+     (the two then sample the same pixels). The image is downsampled bilinearly (half-pixel
+     centres, no antialiasing) for PAMR and the pictures.
+  4. On datasets with a background class (:func:`merge_unmatched_into_background`): clusters left
+     unmatched to a foreground class become one background cluster, then the usual matching.
+  5. Optionally PAMR (:func:`refine_labels`), then the per-image Hungarian matching and the
+     summed counts of ``eval.metrics``.
+
+  Known defects of that code, reproduced only with ``compat=True`` (:func:`compat_label`): its
+  VOC labels (detectron2's ``annotations_pascal20``) merge the object boundaries (255) with the
+  background, so boundary pixels are scored as background instead of ignored; its COCO-Object
+  mapping sends every fine id >= 91 to background, unlabelled pixels (255) included; its ADE20K
+  labels are the raw ``annotations`` PNGs scored with 150 classes, so "other" (0) counts as class
+  0 and the last class (150, "flag") is never scored. By default labels keep the datasets'
+  correct conventions (ignore is ignored; ADE20K classes 1..150).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import median_filter
+from scipy.optimize import linear_sum_assignment
+from torch.utils.data import Dataset
+
+from diffseg.pamr import pamr
+from eval.datasets.base import IGNORE, resize_image, resize_label
+from eval.matching import confusion_histogram
+
+CROPS = ("dataset", "min_minus_one")
+COMPAT_DATASETS = ("voc", "coco_object", "ade20k")
+ADE_OTHER = "other (compat: ADE20K label 0)"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A protocol's parameters (the keys of ``conf/protocol/*.yaml``).
+
+    ``resolution``: model input side (None: the dataset's). ``crop``: ``dataset`` (the loader's own
+    crop and resize) or ``min_minus_one`` (DiffCut's). ``score_resolution``: side at which
+    predictions and labels are scored (None: the label's). ``background``: dataset name -> name of
+    its background class, for the background merge. ``compat``: reproduce DiffCut's label defects.
+    ``pamr``: PAMR + 3x3 median filter before scoring. ``splits``: dataset name -> split the
+    protocol evaluates on.
+    """
+
+    name: str = "diffseg"
+    resolution: int | None = None
+    crop: str = "dataset"
+    score_resolution: int | None = None
+    background: Mapping[str, str] = field(default_factory=dict)
+    compat: bool = False
+    pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8)
+    splits: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"protocol.crop must be one of {CROPS}, got {self.crop!r}")
+        for key in ("resolution", "score_resolution"):
+            value = getattr(self, key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"protocol.{key} must be a positive int or null, got {value!r}")
+        if self.crop != "dataset" and self.resolution is None:
+            raise ValueError(
+                f"protocol.crop={self.crop} needs protocol.resolution (the model input side)"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Protocol:
+        """From ``cfg.protocol`` (a mapping); unknown keys are an error naming them."""
+        values = dict(cfg)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown protocol keys {unknown}; accepted: {sorted(known)}")
+        values["background"] = dict(values.get("background") or {})
+        values["splits"] = dict(values.get("splits") or {})
+        values["pamr_dilations"] = tuple(values.get("pamr_dilations") or (1, 2, 4, 8))
+        return cls(**values)
+
+    @property
+    def transforms_data(self) -> bool:
+        """Whether the items must be re-cropped, resized or relabelled (see :class:`ProtocolData`)."""
+        return self.crop != "dataset" or self.compat
+
+    def background_index(self, dataset_name: str, class_names: Sequence[str]) -> int | None:
+        """The background class of ``dataset_name`` for the merge, or None (no merge)."""
+        name = self.background.get(dataset_name)
+        if name is None:
+            return None
+        if name not in class_names:
+            warnings.warn(
+                f"protocol {self.name}: {dataset_name} has no class {name!r} (its classes here "
+                "have no background), so unmatched clusters are not merged; numbers are not "
+                "comparable with a with-background evaluation",
+                stacklevel=2,
+            )
+            return None
+        return list(class_names).index(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: crop, resize, compat labels
+
+
+def crop_min_minus_one(x: torch.Tensor) -> torch.Tensor:
+    """torchvision ``CenterCrop(min(H, W) - 1)`` of ``(..., H, W)`` (DiffCut's crop).
+
+    Offsets ``round((H - c) / 2)`` with Python's round (half to even), as torchvision.
+    """
+    h, w = x.shape[-2:]
+    c = min(h, w) - 1
+    if c < 1:
+        raise ValueError(f"cannot crop min(H, W) - 1 from a {h}x{w} image")
+    top, left = round((h - c) / 2), round((w - c) / 2)
+    return x[..., top : top + c, left : left + c]
+
+
+def compat_label(label: torch.Tensor, dataset_name: str, n_class: int) -> torch.Tensor:
+    """DiffCut's label defects on our labels ``(H, W)`` (``-1`` ignored).
+
+    ``voc``, ``coco_object``: ignored pixels (VOC object boundaries; COCO unlabelled) become
+    background (class 0). ``ade20k``: our ``-1`` (ADE "other", 0) becomes class 0, our classes
+    0..148 (ADE 1..149) become 1..149, our 149 (ADE 150, "flag") becomes ignored.
+    Other datasets: unchanged.
+    """
+    if dataset_name in ("voc", "coco_object"):
+        return torch.where(label == IGNORE, torch.zeros_like(label), label)
+    if dataset_name == "ade20k":
+        shifted = torch.where(label == n_class - 1, torch.full_like(label, IGNORE), label + 1)
+        return torch.where(label == IGNORE, torch.zeros_like(label), shifted)
+    return label
+
+
+def compat_class_names(class_names: Sequence[str], dataset_name: str) -> list[str]:
+    """Class names matching :func:`compat_label` (ADE20K: "other" first, "flag" dropped)."""
+    if dataset_name == "ade20k":
+        return [ADE_OTHER, *class_names[:-1]]
+    return list(class_names)
+
+
+class ProtocolData(Dataset):
+    """A dataset seen through a protocol: items cropped and resized to ``protocol.resolution`` (the
+    label with nearest-exact), labels relabelled with ``compat``. Other attributes pass through.
+
+    With ``crop="min_minus_one"`` the file datasets must be loaded with ``keep_size=True`` (their
+    own crop would come first otherwise); the synthetic dataset is generated square at its own
+    resolution and cropped from there.
+    """
+
+    def __init__(self, dataset: Dataset, protocol: Protocol, dataset_name: str) -> None:
+        self.dataset, self.protocol, self.dataset_name = dataset, protocol, dataset_name
+        names = list(dataset.class_names)
+        self.class_names = compat_class_names(names, dataset_name) if protocol.compat else names
+        self.n_class = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes not set here (skipped, resolution, ...); "dataset" itself is
+        # absent only while unpickling (DataLoader workers), where AttributeError is expected.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> dict | None:
+        item = self.dataset[index]
+        if item is None:
+            return None
+        image, label = item["image"], item["label"]
+        p = self.protocol
+        if p.crop == "min_minus_one":
+            image, label = crop_min_minus_one(image), crop_min_minus_one(label)
+            image = resize_image(image, p.resolution).clamp_(0.0, 1.0)
+            label = resize_label(label, p.resolution)
+        if p.compat:
+            label = compat_label(label, self.dataset_name, self.dataset.n_class)
+        return {**item, "image": image, "label": label}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: downsample, background merge, PAMR
+
+
+def downsample_nearest(label: torch.Tensor, size: int) -> torch.Tensor:
+    """``(H, W)`` ids -> ``(size, size)`` with ``F.interpolate``'s default ``nearest`` (source
+    pixel ``floor(i * H / size)``), DiffCut's rule for its labels; identity at the same size."""
+    if tuple(label.shape) == (size, size):
+        return label
+    out = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest")
+    return out[0, 0].long()
+
+
+def downsample_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``(3, H, W)`` -> ``(3, size, size)``: bilinear, half-pixel centres, no antialiasing."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def merge_unmatched_into_background(
+    pred: torch.Tensor, label: torch.Tensor, n_class: int, background: int
+) -> torch.Tensor:
+    """DiffCut's "many-to-one matching for background" on one image.
+
+    1. Hungarian matching (``eval.matching.confusion_histogram`` + ``linear_sum_assignment``)
+       of the clusters to the ``n_class - 1`` foreground classes only, in their dataset order;
+       background and ignored pixels take no part.
+    2. A foreground class counts as assigned when some pixel of it lies in any matched cluster
+       (DiffCut: ``hist[:, col_ind].max(axis=1) > 0``); the clusters matched to assigned classes
+       are kept.
+    3. Every other cluster of ``pred`` becomes one new cluster ``pred.max() + 1`` (the background
+       cluster). The final scoring then matches all ``n_class`` classes, background included.
+
+    Args:
+        pred: ``(H, W)`` non-negative cluster ids.
+        label: ``(H, W)`` class ids in ``[0, n_class)``, other values ignored.
+        n_class: number of classes, background included.
+        background: index of the background class.
+
+    Returns:
+        ``(H, W)`` int64 cluster ids.
+    """
+    if not 0 <= background < n_class or n_class < 2:
+        raise ValueError(f"background must be in [0, n_class={n_class}), got {background}")
+    to_fg = torch.full((n_class + 1,), -1, dtype=torch.long)
+    fg = [c for c in range(n_class) if c != background]
+    to_fg[fg] = torch.arange(n_class - 1)
+    valid = (label >= 0) & (label < n_class)
+    # Index n_class (-> -1) for the ignored pixels.
+    fg_label = to_fg[torch.where(valid, label, torch.full_like(label, n_class))]
+    hist = confusion_histogram(pred, fg_label, n_class - 1)
+    _, cols = linear_sum_assignment(hist, maximize=True)
+    assigned = hist[:, cols].max(axis=1) > 0
+    keep = torch.as_tensor(np.asarray(cols)[assigned], dtype=torch.long)
+    out = pred.long().clone()
+    out[~torch.isin(out, keep)] = int(pred.max()) + 1
+    return out
+
+
+def refine_labels(
+    pred: torch.Tensor, image: torch.Tensor, num_iter: int, dilations: Sequence[int]
+) -> torch.Tensor:
+    """DiffCut's PAMR step: one-hot masks of ``pred``'s clusters ``(H, W)`` refined with
+    :func:`diffseg.pamr.pamr` on ``image`` ``(3, H, W)``, argmax, then a 3x3 median filter
+    (``scipy.ndimage.median_filter``, reflected borders). Clusters come back renumbered
+    ``0..K-1`` in the order of their ids."""
+    ids = torch.unique(pred)
+    masks = (pred[None] == ids[:, None, None]).float()[None]
+    refined = pamr(masks, image[None].float(), num_iter, dilations)[0].argmax(dim=0)
+    return torch.from_numpy(median_filter(refined.numpy(), size=3)).long()
+
+
+@dataclass
+class Scoring:
+    """The per-image scoring step of a protocol for one dataset (see :meth:`__call__`)."""
+
+    protocol: Protocol
+    n_class: int
+    background: int | None
+
+    @property
+    def identity(self) -> bool:
+        p = self.protocol
+        return p.score_resolution is None and self.background is None and not p.pamr
+
+    def __call__(self, item: Mapping[str, Any], pred: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """``item`` (image, label at the prediction's size) and ``pred (H, W)`` -> the item at the
+        scoring size and the prediction to score: downsampled, background merged, PAMR."""
+        if self.identity:
+            return dict(item), pred
+        p = self.protocol
+        image, label = item["image"], item["label"]
+        if p.score_resolution is not None:
+            image = downsample_image(image, p.score_resolution)
+            label = downsample_nearest(label, p.score_resolution)
+            pred = downsample_nearest(pred, p.score_resolution)
+        if self.background is not None:
+            pred = merge_unmatched_into_background(pred, label, self.n_class, self.background)
+        if p.pamr:
+            pred = refine_labels(pred, image, p.pamr_iterations, p.pamr_dilations)
+        return {**item, "image": image, "label": label}, pred
+
+    def batch(
+        self, items: Sequence[Mapping[str, Any]], preds: Sequence[torch.Tensor]
+    ) -> tuple[list[dict], list[torch.Tensor]]:
+        """:meth:`__call__` on each ``(item, pred)`` pair."""
+        pairs = [self(item, pred) for item, pred in zip(items, preds, strict=True)]
+        return [item for item, _ in pairs], [pred for _, pred in pairs]
+
+
+def scoring(protocol: Protocol, dataset: Dataset, dataset_name: str) -> Scoring:
+    """The scoring step of ``protocol`` for ``dataset`` (its classes decide the background)."""
+    background = protocol.background_index(dataset_name, dataset.class_names)
+    return Scoring(protocol, dataset.n_class, background)
+
+
+def dataset_options(protocol: Protocol, options: dict[str, Any]) -> dict[str, Any]:
+    """``get_dataset`` keyword arguments under ``protocol``: ``keep_size=True`` for the file
+    datasets when the protocol crops for itself (the loader's crop would come first otherwise)."""
+    options = dict(options)
+    if protocol.crop != "dataset" and options["name"] != "synthetic":
+        if options.get("cache"):
+            raise ValueError(
+                f"protocol {protocol.name} crops the original images itself (crop="
+                f"{protocol.crop}), but dataset.cache=true holds the loader's crop; "
+                "set dataset.cache=false"
+            )
+        options["keep_size"] = True
+    return options
+
+
+def check_resolution_pair(protocol: Protocol, input_resolution: int) -> None:
+    """The scoring side must not exceed the input side (labels would be upsampled)."""
+    s = protocol.score_resolution
+    if s is not None and s > input_resolution:
+        raise ValueError(
+            f"protocol.score_resolution={s} exceeds the model input {input_resolution}; lower "
+            "protocol.score_resolution or raise protocol.resolution"
+        )

@@ -1,0 +1,138 @@
+"""The attention cache (eval/attention_cache.py): a second run reads the stored attention and gives
+identical labels without calling the UNet; the key separates settings; float32 storage equals the
+uncached pipeline; plus the harness end to end (hit counters in the run's output)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffseg.pipeline import DiffSegPipeline
+from eval.attention_cache import (
+    AttentionCache,
+    CachedAttentionPipeline,
+    bytes_per_image,
+    image_hash,
+)
+from eval.logging import read_csv_rows
+
+RES = 64
+CALL = {"resolution": RES, "num_points": 4}
+
+
+@pytest.fixture(scope="module")
+def pipe() -> DiffSegPipeline:
+    return DiffSegPipeline.from_tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(3, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+
+
+def _count_unet_calls(pipeline: DiffSegPipeline) -> list[int]:
+    calls = [0]
+    pipeline.unet.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _wrap(pipe, directory: Path, dtype: str = "float16") -> CachedAttentionPipeline:
+    return CachedAttentionPipeline(pipe, AttentionCache(directory, {"model": "tiny"}, dtype))
+
+
+def test_second_run_reads_the_cache_without_the_unet(tmp_path, images) -> None:
+    pipe = DiffSegPipeline.from_tiny(seed=0)
+    calls = _count_unet_calls(pipe)
+    first = _wrap(pipe, tmp_path)
+    labels = first(images[:2], **CALL)
+    assert calls[0] == 1 and first.cache.misses == 2
+    # A new wrapper (a new run): a merging sweep point, and a batch with one new image.
+    second = _wrap(pipe, tmp_path)
+    again = second(images[:2], **CALL)
+    assert calls[0] == 1 and (second.cache.hits, second.cache.misses) == (2, 0)
+    assert torch.equal(again, labels)
+    second(images[:2], **{**CALL, "num_points": 2, "kl_threshold": (0.5, 0.5)})
+    assert calls[0] == 1
+    mixed = second(images[1:], **CALL)  # image 1 stored, image 2 not: the UNet sees image 2 only
+    assert calls[0] == 2 and second.cache.misses == 1
+    assert torch.equal(mixed[0], labels[1])
+    # Stored as float16, one file per image, sizes as the estimate says.
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 3
+    stored = second.cache.load(files[0].stem)
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert sum(t.numel() * 2 for t in stored.values()) == bytes_per_image(pipe, RES, "float16")
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_float32_storage_equals_the_uncached_pipeline(tmp_path, pipe, images) -> None:
+    cached = _wrap(pipe, tmp_path, "float32")
+    expected = pipe(images, **CALL)
+    assert torch.equal(cached(images, **CALL), expected)
+    assert torch.equal(cached(images, **CALL), expected)  # read back
+    torch.testing.assert_close(
+        cached.aggregate(images, resolution=RES), pipe.aggregate(images, resolution=RES)
+    )
+
+
+def test_key_separates_settings_and_images(images) -> None:
+    cache = AttentionCache("unused", {"model": "tiny"})
+    h = image_hash(images[0])
+    base = {"timestep": 300, "resolution": RES, "prompt": "", "noise": False, "seed": None}
+    key = cache.key(h, base)
+    assert cache.key(h, dict(base)) == key
+    assert cache.key(h, {**base, "timestep": 200}) != key
+    assert cache.key(h, {**base, "prompt": "a photo"}) != key
+    assert cache.key(image_hash(images[1]), base) != key
+    assert AttentionCache("unused", {"model": "sd14"}).key(h, base) != key
+    assert AttentionCache("unused", {"model": "tiny"}, "float32").key(h, base) != key
+    assert image_hash(images[0].clone()) == h
+
+
+def test_noise_keys_hold_the_batch(tmp_path, images) -> None:
+    pipe = DiffSegPipeline.from_tiny(seed=0)
+    calls = _count_unet_calls(pipe)
+    cached = _wrap(pipe, tmp_path)
+    call = {**CALL, "noise": True, "seed": 3}
+    cached(images[:2], **call)
+    cached(images[:2], **call)
+    assert calls[0] == 1
+    cached(images[1:3], **call)  # image 1 in another batch: other noise, computed again
+    assert calls[0] == 2 and cached.cache.misses == 4
+
+
+def test_bad_storage_dtype() -> None:
+    with pytest.raises(ValueError, match=r"cache\.dtype"):
+        AttentionCache("x", {}, "int8")
+
+
+@pytest.mark.slow
+def test_harness_second_run_reuses_the_cache(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DIFFSEG_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    common = [
+        "dataset=synthetic", "model=tiny", "limit=3", f"dataset.resolution={RES}",
+        "segmenter.num_points=8", "logger=csv", "num_workers=0", "n_qualitative=0",
+        "cache.attention=true", f"cache.dir={tmp_path / 'cache'}",
+        f"paths.ledger={tmp_path / 'ledger.csv'}",
+    ]  # fmt: skip
+    outs = []
+    for run in ("a", "b"):
+        out = subprocess.run(
+            [sys.executable, "-m", "eval", *common, f"hydra.run.dir={tmp_path / run}"],
+            cwd=Path.cwd(), env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        outs.append(out.stdout)
+    assert "MiB per image (float16) x 3 images" in outs[0]
+    assert "0 image(s) read, 3 computed" in outs[0]
+    assert "3 image(s) read, 0 computed" in outs[1]
+    a, b = (read_csv_rows(tmp_path / run / "results.csv")[0] for run in ("a", "b"))
+    assert (a["pixel_accuracy"], a["miou"]) == (b["pixel_accuracy"], b["miou"])
+    per_image = [read_csv_rows(tmp_path / run / "per_image.csv") for run in ("a", "b")]
+    assert per_image[0] == per_image[1]
