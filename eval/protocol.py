@@ -65,7 +65,8 @@ class Protocol:
     predictions and labels are scored (None: the label's). ``background``: dataset name -> name of
     its background class, for the background merge. ``compat``: reproduce DiffCut's label defects.
     ``pamr``: PAMR + 3x3 median filter before scoring. ``splits``: dataset name -> split the
-    protocol evaluates on.
+    protocol evaluates on. ``dataset_options``: dataset name -> extra ``get_dataset`` options
+    (DiffCut scores Pascal Context with its background class: ``background: true``).
     """
 
     name: str = "diffseg"
@@ -78,6 +79,7 @@ class Protocol:
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8)
     splits: Mapping[str, str] = field(default_factory=dict)
+    dataset_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -103,6 +105,7 @@ class Protocol:
             raise ValueError(f"unknown protocol keys {unknown}; accepted: {sorted(known)}")
         values["background"] = dict(values.get("background") or {})
         values["splits"] = dict(values.get("splits") or {})
+        values["dataset_options"] = dict(values.get("dataset_options") or {})
         values["pamr_dilations"] = tuple(values.get("pamr_dilations") or (1, 2, 4, 8))
         return cls(**values)
 
@@ -325,9 +328,10 @@ def scoring(protocol: Protocol, dataset: Dataset, dataset_name: str) -> Scoring:
 
 
 def dataset_options(protocol: Protocol, options: dict[str, Any]) -> dict[str, Any]:
-    """``get_dataset`` keyword arguments under ``protocol``: ``keep_size=True`` for the file
-    datasets when the protocol crops for itself (the loader's crop would come first otherwise)."""
-    options = dict(options)
+    """``get_dataset`` keyword arguments under ``protocol``: its ``dataset_options`` for this
+    dataset, and ``keep_size=True`` for the file datasets when the protocol crops for itself (the
+    loader's crop would come first otherwise)."""
+    options = {**options, **protocol.dataset_options.get(options["name"], {})}
     if protocol.crop != "dataset" and options["name"] != "synthetic":
         if options.get("cache"):
             raise ValueError(
@@ -347,3 +351,17 @@ def check_resolution_pair(protocol: Protocol, input_resolution: int) -> None:
             f"protocol.score_resolution={s} exceeds the model input {input_resolution}; lower "
             "protocol.score_resolution or raise protocol.resolution"
         )
+
+
+def ledger_name(name: str, overrides: Sequence[str]) -> str:
+    """The ledger's ``protocol`` column: the protocol's name, plus its command-line overrides.
+
+    ``diffcut`` with ``protocol.compat=true`` becomes ``diffcut[compat=true]``, so the tables (which
+    select ``diffcut`` exactly) never mistake a variant for the published protocol.
+    """
+    changed = sorted(
+        o.lstrip("+~").removeprefix("protocol.")
+        for o in overrides
+        if o.lstrip("+~").startswith("protocol.")
+    )
+    return f"{name}[{','.join(changed)}]" if changed else name

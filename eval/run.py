@@ -43,7 +43,14 @@ from eval.logging import (
 )
 from eval.matching import match_per_image
 from eval.metrics import HungarianIoU, scores_from_counts
-from eval.protocol import Protocol, ProtocolData, Scoring, check_resolution_pair, dataset_options
+from eval.protocol import (
+    Protocol,
+    ProtocolData,
+    Scoring,
+    check_resolution_pair,
+    dataset_options,
+    ledger_name,
+)
 from eval.protocol import scoring as protocol_scoring
 from eval.segmenters import segment_batch, segmenter_call
 
@@ -514,7 +521,7 @@ def _finish(
         "run_id": run_id,
         "timestamp": _now(),
         "experiment": cfg.experiment or names.get("experiment") or "",
-        "protocol": cfg.protocol.name,
+        "protocol": names["protocol"],
         "dataset": cfg.dataset.name,
         "split": cfg.dataset.get("split") or "",
         "model": names["model"],
@@ -619,6 +626,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
         "model": choices.get("model") or "custom",
         "experiment": choices.get("experiment") or "",
         "resolution": resolution,
+        "protocol": ledger_name(protocol.name, HydraConfig.get().overrides.task),
     }
     pipeline = hydra.utils.instantiate(cfg.model, device=device) if todo else None
     if pipeline is not None and cfg.get("compile"):

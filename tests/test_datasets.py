@@ -238,6 +238,12 @@ def test_pascal_context59(tmp_path):
     np.testing.assert_array_equal(ds[0]["label"].numpy(), want)
     with pytest.raises(DataFileError, match=r"\[60\]"):
         ds[1]
+    with_bg = get_dataset("pascal_context59", tmp_path, keep_size=True, background=True)
+    assert with_bg.n_class == 60 and with_bg.class_names[:2] == ["background", "aeroplane"]
+    want = np.where(every == 255, -1, every.astype(int))
+    np.testing.assert_array_equal(with_bg[0]["label"].numpy(), want)
+    with pytest.raises(ValueError, match=r"unknown dataset options \['background'\]"):
+        get_dataset("voc", tmp_path, background=True)
 
 
 # ---------------------------------------------------------------- bad input

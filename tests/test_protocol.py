@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from eval.datasets.classes import ADE20K_CLASSES, VOC_CLASSES
@@ -27,7 +28,9 @@ from eval.protocol import (
     Scoring,
     compat_label,
     crop_min_minus_one,
+    dataset_options,
     downsample_nearest,
+    ledger_name,
     merge_unmatched_into_background,
 )
 
@@ -207,6 +210,23 @@ def test_configs_compose():
         Protocol(crop="centre")
 
 
+def test_diffcut_loads_pascal_context_with_background():
+    cfg = _compose("protocol=diffcut", "dataset=pascal_context59")
+    protocol = Protocol.from_config(cfg.protocol)
+    options = dataset_options(protocol, OmegaConf.to_container(cfg.dataset))
+    assert options["background"] is True and options["keep_size"] is True
+    voc = OmegaConf.to_container(_compose("protocol=diffcut", "dataset=voc").dataset)
+    assert "background" not in dataset_options(protocol, voc)
+    plain = OmegaConf.to_container(_compose("dataset=pascal_context59").dataset)
+    assert dataset_options(Protocol(), plain)["background"] is False
+
+
+def test_ledger_name_marks_overridden_protocol_settings():
+    assert ledger_name("diffcut", ["dataset=voc", "protocol=diffcut", "model=sd14"]) == "diffcut"
+    overrides = ["protocol.pamr=false", "limit=3", "+protocol.compat=true", "protocols=x"]
+    assert ledger_name("diffcut", overrides) == "diffcut[compat=true,pamr=false]"
+
+
 def test_diffcut_run_end_to_end_on_tiny(tmp_path):
     run_dir, ledger = tmp_path / "run", tmp_path / "ledger.csv"
     args = [
@@ -239,7 +259,7 @@ def test_diffcut_run_end_to_end_on_tiny(tmp_path):
     with open(ledger, newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert (row["protocol"], row["kl_threshold"], row["resolution"]) == (
-        "diffcut",
+        "diffcut[background.synthetic=sky,resolution=64,score_resolution=32]",
         "1.0,1.0,1.0",
         "64",
     )

@@ -31,6 +31,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 # Keys of conf/dataset/*.yaml that only eval.prepare reads.
 PREPARE_KEYS = ("name", "sources", "manual_steps")
 FILE_OPTIONS = ("on_error", "antialias", "keep_size")
+# Options of one dataset only.
+DATASET_OPTIONS = {"pascal_context59": ("background",)}
 SYNTHETIC_OPTIONS = ("length", "seed", "n_class", "regions", "noise", "texture", "on_error")
 # Keys every dataset accepts: the preprocessed cache (eval/datasets/cache.py) and Parquet/hub
 # sources (eval/datasets/sources.py).
@@ -65,6 +67,7 @@ def get_dataset(
     cache_dtype = options.pop("cache_dtype", "float32")
     columns = options.pop("columns", None)
     allowed = SYNTHETIC_OPTIONS if name == "synthetic" else FILE_OPTIONS
+    allowed = (*allowed, *DATASET_OPTIONS.get(name, ()))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         allowed = [*allowed, *CACHE_OPTIONS]

@@ -9,7 +9,8 @@
   classes, as written by mmseg's ``tools/dataset_converters/pascal_context.py``), ids from
   ``ImageSets/SegmentationContext/<split>.txt`` (val: 5,105).  As mmseg's
   ``PascalContextDataset59`` with ``reduce_zero_label=True`` (the 59-class benchmark DiffCut and
-  others report): 0 -> ignore, 1..59 -> 0..58, 255 -> ignore.
+  others report): 0 -> ignore, 1..59 -> 0..58, 255 -> ignore.  With ``background=True``, the
+  60-class variant with background (DiffCut's Pascal Context): 0 -> 0 "background", 1..59 -> 1..59.
 
 Other label values are an error.
 """
@@ -35,7 +36,9 @@ def voc_lut():
     return label_lut({c: c for c in range(len(VOC_CLASSES))}, ignore=[255])
 
 
-def context_lut():
+def context_lut(background: bool = False):
+    if background:
+        return label_lut({v: v for v in range(60)}, ignore=[255])
     return label_lut({v: v - 1 for v in range(1, 60)}, ignore=[0, 255])
 
 
@@ -93,8 +96,10 @@ def voc(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
     )
 
 
-def pascal_context59(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
-    """Pascal Context, 59 classes; see the module docstring for the conventions."""
+def pascal_context59(
+    root, split="val", on_error="raise", background=False, **kwargs
+) -> SegmentationFiles:
+    """Pascal Context, 59 classes (60 with ``background``); see the module docstring."""
     root = Path(root)
     return _id_list_dataset(
         "pascal_context59",
@@ -103,8 +108,8 @@ def pascal_context59(root, split="val", on_error="raise", **kwargs) -> Segmentat
         "SegmentationClassContext",
         "ImageSets/SegmentationContext/{split}.txt",
         CONTEXT_LAYOUT,
-        context_lut(),
-        PASCAL_CONTEXT59_CLASSES,
+        context_lut(background),
+        ["background", *PASCAL_CONTEXT59_CLASSES] if background else PASCAL_CONTEXT59_CLASSES,
         CONTEXT_SIZES,
         split,
         on_error,
