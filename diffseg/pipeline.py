@@ -428,6 +428,24 @@ class DiffSegPipeline:
                 f"got {resolution!r}"
             )
 
+    def attention(
+        self,
+        images: torch.Tensor | Sequence[Image.Image],
+        timestep: int = 300,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+    ) -> dict[int, torch.Tensor]:
+        """Preprocess, encode, one UNet pass: resolution `r` (largest first) -> `(B, r*r, r*r)`.
+
+        The one step that runs the model; `aggregate` and `__call__` build on it, so a wrapper that
+        overrides it (e.g. `eval.attention_cache`) changes where the attention comes from.
+        """
+        self._check_resolution(resolution)
+        latents = self.encode_images(self.preprocess(images, resolution))
+        return self.capture_attention(latents, timestep, prompt, noise, seed)
+
     def _attend(
         self,
         images: torch.Tensor | Sequence[Image.Image],
@@ -438,11 +456,8 @@ class DiffSegPipeline:
         noise: bool,
         seed: int,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Preprocess, encode, one UNet pass: (per-resolution attention, aggregated attention)."""
-        self._check_resolution(resolution)
-        pixels = self.preprocess(images, resolution)
-        latents = self.encode_images(pixels)
-        attention = self.capture_attention(latents, timestep, prompt, noise, seed)
+        """(per-resolution attention, aggregated attention) of a batch."""
+        attention = self.attention(images, timestep, resolution, prompt, noise, seed)
         with torch.inference_mode():
             aggregated = aggregate_attention(list(attention.values()), weights)
         return attention, aggregated

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffseg.aggregate import aggregate_attention
-from diffseg.merge import segment_attention
+from diffseg.pipeline import DiffSegPipeline
 
 CACHE_VERSION = 1
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -121,8 +120,8 @@ def bytes_per_image(pipeline: Any, resolution: int, dtype: str) -> int:
 class CachedAttentionPipeline:
     """A ``DiffSegPipeline`` whose attention comes from an :class:`AttentionCache` when stored.
 
-    ``__call__`` and ``aggregate`` take the pipeline's arguments and give its results, computed
-    from the (stored-precision) attention; every other attribute is the pipeline's.
+    Only ``attention`` is its own; ``__call__`` and ``aggregate`` are the pipeline's methods, run
+    on the (stored-precision) attention it returns; every other attribute is the pipeline's.
     """
 
     def __init__(self, pipeline: Any, cache: AttentionCache) -> None:
@@ -131,13 +130,6 @@ class CachedAttentionPipeline:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipeline, name)
-
-    def _compute(
-        self, images: torch.Tensor, timestep: int, resolution: int, prompt: str, noise: bool, seed
-    ) -> dict[int, torch.Tensor]:
-        pipe = self.pipeline
-        latents = pipe.encode_images(pipe.preprocess(images, resolution))
-        return pipe.capture_attention(latents, timestep, prompt, noise, seed)
 
     def attention(
         self,
@@ -168,7 +160,9 @@ class CachedAttentionPipeline:
         if missing:
             # With noise the batch's noise depends on the whole batch: compute all of it.
             run = list(range(len(images))) if noise else missing
-            computed = self._compute(images[run], timestep, resolution, prompt, noise, seed)
+            computed = self.pipeline.attention(
+                images[run], timestep, resolution, prompt, noise, seed
+            )
             for j, i in enumerate(run):
                 if stored[i] is None:
                     stored[i] = {r: a[j].to(self.cache.dtype) for r, a in computed.items()}
@@ -181,40 +175,10 @@ class CachedAttentionPipeline:
             r: torch.stack([s[r] for s in stored]).to(device, torch.float32) for r in resolutions
         }
 
-    @torch.inference_mode()
-    def aggregate(
-        self,
-        images: torch.Tensor,
-        timestep: int = 300,
-        weights: Sequence[float] | None = None,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-    ) -> torch.Tensor:
-        """As ``DiffSegPipeline.aggregate``: aggregated attention ``(B, S, S, S, S)``."""
-        attention = self.attention(images, timestep, resolution, prompt, noise, seed)
-        return aggregate_attention(list(attention.values()), weights)
-
-    @torch.inference_mode()
-    def __call__(
-        self,
-        images: torch.Tensor,
-        timestep: int = 300,
-        kl_threshold: Sequence[float] = (1.1, 1.1, 1.1),
-        num_points: int = 16,
-        refine: bool = False,
-        weights: Sequence[float] | None = None,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-    ) -> torch.Tensor:
-        """As ``DiffSegPipeline.__call__``: labels ``(B, resolution, resolution)`` on the CPU."""
-        aggregated = self.aggregate(images, timestep, weights, resolution, prompt, noise, seed)
-        return segment_attention(
-            aggregated, kl_threshold, num_points, refine, out_size=resolution
-        ).cpu()
+    # The pipeline's own steps after the attention, run on this wrapper so they read the cache.
+    _attend = DiffSegPipeline._attend
+    aggregate = DiffSegPipeline.aggregate
+    __call__ = DiffSegPipeline.__call__
 
 
 def from_config(

@@ -99,6 +99,29 @@ def preprocess(
     return resize_image(img, resolution, antialias).clamp_(0.0, 1.0), resize_label(lab, resolution)
 
 
+def map_label(
+    raw: np.ndarray, image: np.ndarray, lut: np.ndarray, name: str, image_src: str, label_src: str
+) -> np.ndarray:
+    """Raw label ids ``(H, W)`` -> class ids through ``lut``, checked against ``image (H, W, 3)``.
+
+    Raises :class:`DataFileError` naming ``image_src`` / ``label_src`` for a size mismatch or
+    values the ``name`` convention does not define.
+    """
+    if raw.shape != image.shape[:2]:
+        raise DataFileError(
+            f"{image_src} is {image.shape[1]}x{image.shape[0]} but {label_src} is "
+            f"{raw.shape[1]}x{raw.shape[0]} (width x height); they must match"
+        )
+    label = lut[raw]
+    if (label == _UNDEFINED).any():
+        bad = np.unique(raw[label == _UNDEFINED]).tolist()
+        raise DataFileError(
+            f"{label_src} contains values {bad} that the {name} convention does not define (is "
+            "this the right dataset or annotation version? a table source needs the original ids)"
+        )
+    return label
+
+
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)``; raises :class:`DataFileError` naming the file when unreadable."""
     try:
@@ -185,20 +208,8 @@ class SegmentationFiles(Dataset):
     def load(self, index: int) -> dict:
         """The item, raising :class:`DataFileError` for a bad pair whatever ``on_error`` says."""
         s = self.samples[index]
-        image = read_image(s.image)
-        raw = read_label(s.label)
-        if raw.shape != image.shape[:2]:
-            raise DataFileError(
-                f"image {s.image} is {image.shape[1]}x{image.shape[0]} but label {s.label} is "
-                f"{raw.shape[1]}x{raw.shape[0]} (width x height); they must match"
-            )
-        label = self.lut[raw]
-        if (label == _UNDEFINED).any():
-            bad = np.unique(raw[label == _UNDEFINED]).tolist()
-            raise DataFileError(
-                f"label {s.label} contains values {bad} that the {self.name} convention does not "
-                "define (is this the right dataset or annotation version?)"
-            )
+        image, raw = read_image(s.image), read_label(s.label)
+        label = map_label(raw, image, self.lut, self.name, f"image {s.image}", f"label {s.label}")
         img, lab = preprocess(image, label, self.resolution, self.antialias, self.keep_size)
         return {"image": img, "label": lab, "id": s.id}
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from eval.datasets.ade20k import lut as ade20k_lut
-from eval.datasets.base import _UNDEFINED, DataFileError, SegmentationFiles, preprocess
+from eval.datasets.base import DataFileError, SegmentationFiles, map_label, preprocess
 from eval.datasets.cityscapes import lut as cityscapes_lut
 from eval.datasets.classes import (
     ADE20K_CLASSES,
@@ -162,18 +162,7 @@ class TableSegmentation(SegmentationFiles):
 
     def load(self, index: int) -> dict:
         image, raw, where = self.read_pair(index)
-        if raw.shape != image.shape[:2]:
-            raise DataFileError(
-                f"{where}: image is {image.shape[1]}x{image.shape[0]} but label is "
-                f"{raw.shape[1]}x{raw.shape[0]} (width x height); they must match"
-            )
-        label = self.lut[raw]
-        if (label == _UNDEFINED).any():
-            bad = np.unique(raw[label == _UNDEFINED]).tolist()
-            raise DataFileError(
-                f"{where}: label values {bad} are not in the {self.name} convention; the source's "
-                "labels must be the original ids (see eval/datasets/sources.py)"
-            )
+        label = map_label(raw, image, self.lut, self.name, f"image of {where}", f"label of {where}")
         img, lab = preprocess(image, label, self.resolution, self.antialias, self.keep_size)
         return {"image": img, "label": lab, "id": self.ids[index]}
 
