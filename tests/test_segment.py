@@ -24,6 +24,19 @@ def _scene(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(pixels).save(path)
 
 
+def _run_segment(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "eval.segment", *args, f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.slow
 def test_segment_writes_label_map_and_picture_for_files_and_folders(tmp_path: Path) -> None:
     _scene(tmp_path / "wide.png", (96, 64), seed=0)
@@ -32,17 +45,8 @@ def test_segment_writes_label_map_and_picture_for_files_and_folders(tmp_path: Pa
     _scene(folder / "tall.jpg", (48, 80), seed=1)
     (folder / "notes.txt").write_text("not an image")
     out_dir = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # test workers share the cores
     args = ["wide.png", "more", "model=tiny", "resolution=64", "segmenter.num_points=8"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "eval.segment", *args, f"hydra.run.dir={out_dir}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run_segment(tmp_path, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("wide", "tall"):
         labels = Image.open(out_dir / f"{name}_labels.png")
@@ -69,19 +73,6 @@ def test_split_argv_separates_paths_from_hydra_arguments(tmp_path: Path, monkeyp
     assert hydra_args == ["model=tiny", "--cfg", "job", "segmenter.kl_threshold=[1,1,1]"]
     with pytest.raises(FileNotFoundError, match=r"missing\.jpg"):
         split_argv(["missing.jpg", "model=tiny"])
-
-
-def _run_segment(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "eval.segment", *args, f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.mark.slow
