@@ -4,9 +4,6 @@ uncached pipeline; plus the harness end to end (hit counters in the run's output
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from eval.attention_cache import (
     image_hash,
 )
 from eval.logging import read_csv_rows
+from tests.helpers import run_module
 
 RES = 64
 CALL = {"resolution": RES, "num_points": 4}
@@ -113,8 +111,6 @@ def test_bad_storage_dtype() -> None:
 
 @pytest.mark.slow
 def test_harness_second_run_reuses_the_cache(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DIFFSEG_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     common = [
         "dataset=synthetic", "model=tiny", "limit=3", f"dataset.resolution={RES}",
         "segmenter.num_points=8", "logger=csv", "num_workers=0", "n_qualitative=0",
@@ -123,10 +119,7 @@ def test_harness_second_run_reuses_the_cache(tmp_path: Path) -> None:
     ]  # fmt: skip
     outs = []
     for run in ("a", "b"):
-        out = subprocess.run(
-            [sys.executable, "-m", "eval", *common, f"hydra.run.dir={tmp_path / run}"],
-            cwd=Path.cwd(), env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        out = run_module("eval", Path.cwd(), *common, f"hydra.run.dir={tmp_path / run}")
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         outs.append(out.stdout)
     assert "MiB per image (float16) x 3 images" in outs[0]

@@ -5,7 +5,6 @@ resumed distributed run skips finished images. Plus the sharding rule."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from eval.datasets import get_dataset
 from eval.distributed import merge_rank_files, read_records, shard
 from eval.logging import read_csv_rows, read_jsonl
 from eval.metrics import HungarianIoU
+from tests.helpers import offline_env
 
 ARGS = (
     "dataset=synthetic",
@@ -32,14 +32,15 @@ ARGS = (
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "DIFFSEG_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path.cwd()))
-    return env
-
-
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=offline_env(PYTHONPATH=str(Path.cwd())),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 

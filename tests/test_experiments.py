@@ -6,7 +6,6 @@ SLURM launcher config composes (not launched: no cluster here)."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from eval.__main__ import CONFIG_DIR
+from tests.helpers import offline_env
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SWEEPS = {
@@ -111,12 +111,6 @@ def test_slurm_launcher_composes() -> None:
     assert "${hydra.sweep.dir}" in OmegaConf.to_container(launcher)["submitit_folder"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return env
-
-
 @pytest.fixture(scope="module")
 def multiruns(tmp_path_factory):
     """The KL sweep and the Optuna search, started together (two processes, one thread each)."""
@@ -142,7 +136,10 @@ def multiruns(tmp_path_factory):
             f"hydra.sweep.dir={tmp / name / 'sweep'}",
         ]
         log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed below
-        procs[name] = (subprocess.Popen(cmd, cwd=tmp, env=_env(), stdout=log, stderr=log), log)
+        procs[name] = (
+            subprocess.Popen(cmd, cwd=tmp, env=offline_env(), stdout=log, stderr=log),
+            log,
+        )
     for proc, log in procs.values():
         proc.wait(timeout=300)
         log.close()
@@ -168,7 +165,7 @@ def test_two_point_sweep_writes_two_rows_and_a_plot(multiruns: Path) -> None:
         [*TABLES_CMD, "--sweep", "kl_threshold", "--ledger", str(ledger), "--out", str(out)],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=offline_env(),
         timeout=120,
     )
     assert done.returncode == 0, done.stderr

@@ -39,6 +39,7 @@ from eval.run import (
     resolve_device,
 )
 from eval.visualize import find_edges, save_label_png
+from tests.helpers import offline_env, run_module
 
 RES = 64
 LIMIT = 4
@@ -56,14 +57,16 @@ COMMON = (
 
 def run_eval(cwd: Path, *args: str, wait: bool = True, **env_extra: str):
     """``python -m eval ARGS`` in ``cwd``, offline; ``wait=False``: the Popen (output to a file)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    # One thread: test workers share the cores, and oversubscribed torch threads crawl.
-    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
-    cmd = [sys.executable, "-m", "eval", *args]
-    if not wait:
-        with open(cwd / "popen.log", "wb") as log:
-            return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if wait:
+        return run_module("eval", cwd, *args, **env_extra)
+    with open(cwd / "popen.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "eval", *args],
+            cwd=cwd,
+            env=offline_env(**env_extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def eval_args(tmp: Path, run: str, *extra: str) -> list[str]:

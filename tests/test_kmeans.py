@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from diffseg.kmeans import kmeans_plusplus, kmeans_proposals, kmeans_segment
 from diffseg.pipeline import DiffSegPipeline
 from eval.datasets import get_dataset
 from eval.segmenters import gt_class_counts, image_seed, segment_batch, segmenter_call
+from tests.helpers import run_module
 
 S = 8
 
@@ -171,8 +169,6 @@ def test_pipeline_aggregate_is_what_call_merges() -> None:
 
 
 def test_harness_runs_kmeans_s_end_to_end(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     args = [
         "segmenter=kmeans_s",
         "limit=2",
@@ -185,14 +181,7 @@ def test_harness_runs_kmeans_s_end_to_end(tmp_path: Path) -> None:
         f"hydra.run.dir={tmp_path / 'run'}",
         f"paths.ledger={tmp_path / 'ledger.csv'}",
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "eval", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_module("eval", tmp_path, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "ledger.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,7 @@ from eval.protocol import (
     ledger_name,
     merge_unmatched_into_background,
 )
+from tests.helpers import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,16 +243,7 @@ def test_diffcut_run_end_to_end_on_tiny(tmp_path):
         f"hydra.run.dir={run_dir}",
         f"paths.ledger={ledger}",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    out = subprocess.run(
-        [sys.executable, "-m", "eval", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_module("eval", tmp_path, *args)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(ledger, newline="") as f:
         (row,) = list(csv.DictReader(f))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 from PIL import Image
 
 from eval.segment import split_argv
+from tests.helpers import run_module
 
 
 def _scene(path: Path, size: tuple[int, int], seed: int) -> None:
@@ -25,16 +24,7 @@ def _scene(path: Path, size: tuple[int, int], seed: int) -> None:
 
 
 def _run_segment(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "eval.segment", *args, f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("eval.segment", tmp_path, *args, f"hydra.run.dir={tmp_path / 'out'}")
 
 
 @pytest.mark.slow
