@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.datasets.base import Sample, SegmentationFiles, index_pairs, label_lut, missing_root_error
+from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import ADE20K_CLASSES
 
 FOLDERS = {"val": "validation", "validation": "validation", "train": "training"}
@@ -37,14 +37,12 @@ def ade20k(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
         Sample(p.stem, p, base / "annotations" / folder / f"{p.stem}.png")
         for p in sorted(images.glob("*.jpg"))
     ]
-    samples, skipped = index_pairs("ade20k", candidates, on_error)
     return SegmentationFiles(
         "ade20k",
-        samples,
+        candidates,
         lut(),
         ADE20K_CLASSES,
         on_error=on_error,
         expected_size=SPLIT_SIZES[folder],
-        skipped=skipped,
         **kwargs,
     )

@@ -162,6 +162,9 @@ def missing_root_error(name: str, root: Path, layout: str) -> FileNotFoundError:
 class SegmentationFiles(Dataset):
     """Image/label file pairs with a per-dataset label mapping.
 
+    ``candidates`` are indexed with :func:`index_pairs`: pairs with a missing file raise, or are
+    dropped and counted in ``skipped`` with ``on_error="skip"``.
+
     Items: ``{"image": float (3, R, R) in [0, 1], "label": int64 (R, R) with 0..C-1 and -1
     ignored, "id": str}``.  With ``on_error="skip"`` a bad pair yields ``None`` and a warning
     instead of an exception (use :func:`collate` to drop it and count it); pairs already known to
@@ -171,7 +174,7 @@ class SegmentationFiles(Dataset):
     def __init__(
         self,
         name: str,
-        samples: Sequence[Sample],
+        candidates: Iterable[Sample],
         lut: np.ndarray,
         class_names: Sequence[str],
         resolution: int = 512,
@@ -179,9 +182,8 @@ class SegmentationFiles(Dataset):
         keep_size: bool = False,
         on_error: str = "raise",
         expected_size: int | None = None,
-        skipped: int = 0,
     ) -> None:
-        check_on_error(on_error)
+        samples, skipped = index_pairs(name, candidates, on_error)
         if not keep_size and (not isinstance(resolution, int) or resolution < 1):
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
         self.name = name

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.datasets.base import Sample, SegmentationFiles, index_pairs, label_lut, missing_root_error
+from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import CITYSCAPES27_CLASSES
 
 FIRST_ID = 7
@@ -37,14 +37,12 @@ def cityscapes(root, split="val", on_error="raise", **kwargs) -> SegmentationFil
         stem = path.name[: -len("_leftImg8bit.png")]
         label = root / "gtFine" / split / path.parent.name / f"{stem}_gtFine_labelIds.png"
         candidates.append(Sample(stem, path, label))
-    samples, skipped = index_pairs("cityscapes", candidates, on_error)
     return SegmentationFiles(
         "cityscapes",
-        samples,
+        candidates,
         lut(),
         CITYSCAPES27_CLASSES,
         on_error=on_error,
         expected_size=SPLIT_SIZES.get(split),
-        skipped=skipped,
         **kwargs,
     )

@@ -25,7 +25,6 @@ from pathlib import Path
 from eval.datasets.base import (
     Sample,
     SegmentationFiles,
-    index_pairs,
     label_lut,
     missing_root_error,
 )
@@ -96,15 +95,13 @@ def _build(name, lut, classes, root, split, on_error, **kwargs) -> SegmentationF
     split = {"val": "curated"}.get(split, split)
     if split not in SPLIT_SIZES:
         raise ValueError(f"{name}: split must be 'curated' (or 'val') or 'full', got {split!r}")
-    samples, skipped = index_pairs(name, _samples(name, Path(root), split), on_error)
     return SegmentationFiles(
         name,
-        samples,
+        _samples(name, Path(root), split),
         lut,
         classes,
         on_error=on_error,
         expected_size=SPLIT_SIZES[split],
-        skipped=skipped,
         **kwargs,
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.datasets.base import Sample, SegmentationFiles, index_pairs, label_lut, missing_root_error
+from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import PASCAL_CONTEXT59_CLASSES, VOC_CLASSES
 
 VOC_SIZES = {"val": 1449, "train": 1464}
@@ -56,15 +56,13 @@ def _id_list_dataset(
     candidates = [
         Sample(i, base / "JPEGImages" / f"{i}.jpg", base / labels / f"{i}.png") for i in ids
     ]
-    samples, skipped = index_pairs(name, candidates, on_error)
     return SegmentationFiles(
         name,
-        samples,
+        candidates,
         lut,
         classes,
         on_error=on_error,
         expected_size=sizes.get(split),
-        skipped=skipped,
         **kwargs,
     )
 
