@@ -256,10 +256,18 @@ class _Indexed(Dataset):
 
 
 def _collate(batch: Sequence[tuple[int, dict | None]]) -> dict[str, Any]:
-    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices."""
+    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices.
+
+    ``images``: the items' images stacked ``(B, 3, H, W)`` when they share a size, else None.
+    Stacking here, in the loader's workers, lets ``pin_memory`` pin the batch the model gets, so
+    its copy to the GPU can overlap with compute.
+    """
+    items = [item for _, item in batch if item is not None]
+    same_size = len({tuple(it["image"].shape) for it in items}) == 1
     return {
         "index": [i for i, item in batch if item is not None],
-        "items": [item for _, item in batch if item is not None],
+        "items": items,
+        "images": torch.stack([it["image"] for it in items]) if same_size else None,
         "skipped": [i for i, item in batch if item is None],
     }
 
@@ -383,11 +391,13 @@ def _predict(
     device: torch.device,
     call: dict,
     batch_size: int,
+    images: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """``(H, W)`` labels for each item: one batched call, or one call per image when sizes differ."""
+    """``(H, W)`` labels for each item: one batched call on ``images`` (the items' images stacked,
+    as ``_collate`` makes them), or one call per image when there is no stack (sizes differ)."""
     try:
-        if len({tuple(it["image"].shape) for it in items}) == 1:
-            images = torch.stack([it["image"] for it in items]).to(device, non_blocking=True)
+        if images is not None:
+            images = images.to(device, non_blocking=True)
             return list(segment_batch(pipeline, images, items, call).cpu())
         return [
             segment_batch(pipeline, it["image"][None].to(device), [it], call)[0].cpu()
@@ -442,7 +452,9 @@ def _loop(
         for batch in loader:
             new = [{"index": i, "skipped": True} for i in batch["skipped"]]
             if batch["items"]:
-                preds = _predict(pipeline, batch["items"], device, call, cfg.batch_size)
+                preds = _predict(
+                    pipeline, batch["items"], device, call, cfg.batch_size, batch["images"]
+                )
                 labels = [item["label"] for item in batch["items"]]
                 preds = [_to_label_size(p, y) for p, y in zip(preds, labels, strict=True)]
                 if score is not None:

@@ -34,6 +34,7 @@ from eval.run import (
     RESULT_COLUMNS,
     RunError,
     _check_config,
+    _collate,
     _predict,
     open_run_state,
     resolve_device,
@@ -419,3 +420,28 @@ def test_label_png_bit_depth_and_values(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")).astype(np.int64), big.numpy())
     with pytest.raises(ValueError, match="labels"):
         save_label_png(-small, tmp_path / "c.png")
+
+
+def test_collate_stacks_same_size_images_and_keeps_skipped_indices() -> None:
+    a, b = torch.rand(3, 8, 8), torch.rand(3, 8, 8)
+    batch = _collate([(4, {"image": a}), (5, None), (6, {"image": b})])
+    assert batch["index"] == [4, 6] and batch["skipped"] == [5]
+    assert torch.equal(batch["images"], torch.stack([a, b]))
+    mixed = _collate([(0, {"image": a}), (1, {"image": torch.rand(3, 8, 10)})])
+    assert mixed["images"] is None and len(mixed["items"]) == 2
+    assert _collate([(0, None)])["images"] is None
+
+
+def test_predict_batched_on_the_stack_equals_one_call_per_image() -> None:
+    calls = []
+
+    def pipeline(images, **kwargs):
+        calls.append(len(images))
+        return (images[:, 0] > 0.5).long()
+
+    items = [{"image": torch.rand(3, 8, 8)} for _ in range(3)]
+    stacked = _collate(list(enumerate(items)))["images"]
+    batched = _predict(pipeline, items, torch.device("cpu"), {}, 3, stacked)
+    single = _predict(pipeline, items, torch.device("cpu"), {}, 3)
+    assert calls == [3, 1, 1, 1]
+    assert all(torch.equal(x, y) for x, y in zip(batched, single, strict=True))
