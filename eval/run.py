@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from eval import attention_cache, distributed, visualize
+from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.logging import (
     JsonlAppender,
     append_ledger,
@@ -54,35 +55,6 @@ from eval.protocol import (
 from eval.protocol import scoring as protocol_scoring
 from eval.segmenters import segment_batch, segmenter_call
 
-RESULT_COLUMNS = (
-    "run_id",
-    "timestamp",
-    "experiment",
-    "protocol",
-    "dataset",
-    "split",
-    "model",
-    "segmenter",
-    "timestep",
-    "kl_threshold",
-    "num_points",
-    "refine",
-    "weights",
-    "resolution",
-    "n_images",
-    "pixel_accuracy",
-    "miou",
-    "mean_segments",
-    "seconds",
-    "images_per_s",
-    "device",
-    "seed",
-    "versions",
-    "git_commit",
-    "run_dir",
-)
-PER_CLASS_COLUMNS = ("class", "iou", "tp", "fp", "fn")
-PER_IMAGE_COLUMNS = ("id", "segments", "accuracy", "miou")
 # Settings that change the numbers: a resumed run must have the same ones, and the same dataset
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
 # do not change the labels.)

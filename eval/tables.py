@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from eval.columns import SETTING_COLUMNS
+
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 METRICS = {"pixel_accuracy": "Acc", "miou": "mIoU"}
 DATASET_NAMES = {
@@ -35,18 +37,6 @@ DATASET_NAMES = {
     "ade20k": "ADE20K",
     "synthetic": "Synthetic",
 }
-# Columns that describe how a run was made (used to tell sweep curves apart).
-SETTINGS = (
-    "protocol",
-    "model",
-    "segmenter",
-    "timestep",
-    "kl_threshold",
-    "num_points",
-    "refine",
-    "weights",
-    "resolution",
-)
 NOT_PUBLISHED = "—"
 _TEXT_COLUMNS = {"Method", "Dataset", "Source"}  # left-aligned; the others hold numbers
 MISSING = "missing"
@@ -419,7 +409,7 @@ def plot_sweep(
     if column not in ledger.columns:
         raise ValueError(
             f"--sweep {param!r}: the ledger has no column {column!r}; sweepable columns are "
-            f"{[c for c in SETTINGS if c in ledger.columns]}"
+            f"{[c for c in SETTING_COLUMNS if c in ledger.columns]}"
         )
     _require_columns(ledger, ["experiment", "dataset", "timestamp", *METRICS], "a sweep plot")
     ledger = _only_experiments(ledger, experiments)
@@ -428,7 +418,7 @@ def plot_sweep(
     for name, runs in _by_recency(ledger).groupby("experiment", sort=True):
         if runs[column].nunique() < 2:
             continue
-        others = [c for c in SETTINGS if c in runs.columns and c != column]
+        others = [c for c in SETTING_COLUMNS if c in runs.columns and c != column]
         varying = [c for c in others if runs[c].nunique() > 1]
         keys = ["dataset", *varying]
         points = runs.drop_duplicates([*keys, column], keep="last").copy()

@@ -172,8 +172,8 @@ with the ledger's columns into a temporary ledger (the command line does the sam
         "code",
         """from datetime import datetime, timezone
 
+from eval.columns import RESULT_COLUMNS
 from eval.logging import append_ledger
-from eval.run import RESULT_COLUMNS
 
 metric = HungarianIoU(scenes.n_class)
 for i in range(len(scenes)):

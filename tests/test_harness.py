@@ -25,13 +25,11 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
+from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.datasets import get_dataset
 from eval.logging import append_ledger, read_csv_rows, read_jsonl, wandb_mode, write_csv_atomic
 from eval.matching import match_per_image
 from eval.run import (
-    PER_CLASS_COLUMNS,
-    PER_IMAGE_COLUMNS,
-    RESULT_COLUMNS,
     RunError,
     _check_config,
     _collate,
