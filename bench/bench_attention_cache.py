@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=["tiny", "sd14"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--cache-dtype", default="float16")
+    parser.add_argument("--cache-dtype", default="bfloat16")
     parser.add_argument("--append", type=Path, help="append the table to this Markdown file")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -12,6 +12,10 @@ uses, versus SDPA for the output plus a separate probability pass).
     python bench/bench_pipeline.py --append bench/RESULTS.md         # add the table there
     python bench/bench_pipeline.py --device cuda --compile            # torch.compile'd UNet
 
+With `--compile` the capture is first timed eagerly, then the UNet is compiled and the table gets
+the compiled times, plus a second table: compiled against eager, and the first compiled call's wall
+time (compilation included).
+
 Outside fp32 (fp16 by default on CUDA) the `= fp32` column is the share of pixels whose label
 equals that of an fp32 pipeline with the same (seeded) weights on the same images.
 """
@@ -141,6 +145,23 @@ def run_once(
     return times, mem, labels.cpu()
 
 
+def measure(
+    pipe: DiffSegPipeline, batch: int, args: argparse.Namespace
+) -> tuple[dict, dict, torch.Tensor, float]:
+    """Best stage times and worst peak memory over `args.repeats` runs after `args.warmup`, the
+    labels of the first timed run, and the wall time of the first warm-up (compilation, if any)."""
+    plain = not pipe.compiled
+    first = float("nan")
+    for i in range(args.warmup):
+        start = time.perf_counter()
+        run_once(pipe, batch, args.resolution, plain_pass=plain)
+        first = time.perf_counter() - start if i == 0 else first
+    runs = [run_once(pipe, batch, args.resolution, plain_pass=plain) for _ in range(args.repeats)]
+    times = {s: min(r[0][s] for r in runs) for s in STAGES}
+    mem = {s: max(r[1][s] for r in runs) for s in [*STAGES, "total"] if s in runs[0][1]}
+    return times, mem, runs[0][2], first
+
+
 def compare_capture(device: torch.device, dtype: torch.dtype, repeats: int) -> list[str]:
     """One SD 1.4 self-attention layer at 64x64 (8 heads of 40): three ways, best of `repeats`."""
     g = torch.Generator().manual_seed(0)
@@ -210,21 +231,22 @@ def main() -> None:
         "plain / capture / agg / merge) | peak MiB total |"
     )
     rows = [header, "|" + "---|" * 2 + "---|" + "---:|" * 10]
+    compile_rows = [
+        "| model | batch | eager capture s/img | compiled capture s/img | compiled / eager | "
+        "first compiled call s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for model in args.models:
         pipe = build(model, args.device, args.dtype)
         # Same seeded weights in fp32: the reference labels for the agreement column.
         ref = build(model, args.device, "float32") if pipe.dtype != torch.float32 else None
-        if args.compile:
+        eager = {}
+        if args.compile:  # the baseline: the same capture, not compiled, in this run
+            for batch in args.batch_sizes:
+                eager[batch] = measure(pipe, batch, args)[0]["unet_capture"] / batch
             pipe.compile_unet()
         for batch in args.batch_sizes:
-            for _ in range(args.warmup):
-                run_once(pipe, batch, args.resolution, plain_pass=not args.compile)
-            runs = [
-                run_once(pipe, batch, args.resolution, plain_pass=not args.compile)
-                for _ in range(args.repeats)
-            ]
-            times = {s: min(r[0][s] for r in runs) for s in STAGES}
-            mem = {s: max(r[1][s] for r in runs) for s in [*STAGES, "total"] if s in runs[0][1]}
+            times, mem, labels, first = measure(pipe, batch, args)
             total = sum(times[s] for s in STAGES if s != "unet_plain")
             per = {s: times[s] / batch for s in STAGES}
             dtype = str(pipe.dtype).removeprefix("torch.")
@@ -232,7 +254,7 @@ def main() -> None:
             if ref is not None:
                 with torch.inference_mode():
                     expected = ref(bench_images(batch, args.resolution), resolution=args.resolution)
-                same = (runs[0][2] == expected).double().mean().item() * 100
+                same = (labels == expected).double().mean().item() * 100
             rows.append(
                 f"| {model} | {batch} | {dtype} | {per['vae']:.3f} | {per['unet_plain']:.3f} | "
                 f"{per['unet_capture']:.3f} | {times['unet_capture'] / times['unet_plain']:.2f}x | "
@@ -242,6 +264,12 @@ def main() -> None:
                 + f" | {mem.get('total', float('nan')):.0f} |"
             )
             print(rows[-1], flush=True)
+            if args.compile:
+                compile_rows.append(
+                    f"| {model} | {batch} | {eager[batch]:.3f} | {per['unet_capture']:.3f} | "
+                    f"{per['unet_capture'] / eager[batch]:.2f}x | {first:.1f} |"
+                )
+                print(compile_rows[-1], flush=True)
         del pipe, ref
     lines = [
         f"Machine: {machine(device)}; resolution {args.resolution}; best of {args.repeats} "
@@ -252,6 +280,14 @@ def main() -> None:
         "",
         *rows,
     ]
+    if args.compile:
+        lines += [
+            "",
+            "torch.compile (default inductor backend) against the same capture run eagerly first; "
+            "the first compiled call includes compilation:",
+            "",
+            *compile_rows,
+        ]
     if args.compare_capture:
         dtype = _resolve_dtype(args.dtype, device)
         lines += ["", "Capture variants, one SD 1.4 layer at 64x64 (batch 1):", ""]

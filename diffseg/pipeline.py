@@ -399,6 +399,11 @@ class DiffSegPipeline:
             )
         return dict(zip(store.resolutions, store.averaged(), strict=True))
 
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile_unet` has run (the capture processors then stay installed)."""
+        return self._capture_store is not None
+
     def compile_unet(self, **options: Any) -> None:
         """`torch.compile` the UNet (in place, `nn.Module.compile`; `options` go to it, e.g.
         `mode="max-autotune"` or `backend="eager"`).
@@ -408,7 +413,7 @@ class DiffSegPipeline:
         does) would make every call recompile. A no-op when already compiled. Worth it on CUDA for
         many batches of one shape; the first calls pay for compilation.
         """
-        if self._capture_store is not None:
+        if self.compiled:
             return
         store = AttentionStore()
         processor = SelfAttentionCaptureProcessor(store, self.capture_max_elements)

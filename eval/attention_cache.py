@@ -3,7 +3,7 @@
 DiffSeg's cost is the UNet pass; the merging (``kl_threshold``, ``num_points``, ``refine``) and the
 K-means baselines only read the block-averaged attention. With ``cache.attention=true`` the
 harness stores, per image, the attention maps ``(r*r, r*r)`` of every resolution ``r`` in
-``cache.dtype`` (float16 by default) as one safetensors file, and a later run with the same
+``cache.dtype`` (bfloat16 by default) as one safetensors file, and a later run with the same
 model and capture settings reads them instead of running the VAE and UNet.
 
 Key (SHA-256 of a JSON document): the model config (target, name or path, revision, dtype,
@@ -14,9 +14,11 @@ drawn for the whole batch, so the key also holds the batch's image hashes and th
 position: such entries are reused only with the same batching.
 
 The stored values are rounded to the storage dtype, and a run with the cache always segments the
-rounded values (computed or read), so every run with the cache gives the same numbers; float16
-keeps ~3 significant digits (``cache.dtype=float32`` keeps the attention exact: the labels then
-equal an uncached run). Files are written to a temporary name and moved into place
+rounded values (computed or read), so every run with the cache gives the same numbers; bfloat16
+keeps ~3 significant digits and float32's range (``cache.dtype=float32`` keeps the attention exact:
+the labels then equal an uncached run). float16 is refused: it flushes probabilities below 6e-8 to
+zero, a zero makes the KL of that map infinite, and peaked attention then stops merging
+(``bench/bench_merge.py`` measures it). Files are written to a temporary name and moved into place
 (``os.replace``), so concurrent runs and kills never leave half a file; a file that cannot be
 read is computed again.
 """
@@ -38,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from diffseg.pipeline import DiffSegPipeline
 
 CACHE_VERSION = 1
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def image_hash(image: torch.Tensor) -> str:
@@ -57,8 +59,14 @@ class AttentionCache:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, context: Mapping[str, Any], dtype: str = "float16"
+        self, directory: str | os.PathLike, context: Mapping[str, Any], dtype: str = "bfloat16"
     ) -> None:
+        if dtype == "float16":
+            raise ValueError(
+                "cache.dtype=float16 is not offered: it flushes attention probabilities below "
+                "6e-8 to zero, which makes their KL infinite and stops peaked maps from merging; "
+                "use cache.dtype=bfloat16 (same size, float32's range) or cache.dtype=float32"
+            )
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"cache.dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
         self.directory = Path(directory).expanduser()
@@ -192,7 +200,7 @@ def from_config(
 ) -> CachedAttentionPipeline:
     """The harness' wrapper: ``cache_cfg`` is ``cfg.cache`` (``dir``, ``dtype``), ``model_cfg`` the
     resolved ``cfg.model``. Prints the size estimate for ``n_images`` before the run starts."""
-    dtype = cache_cfg.get("dtype", "float16")
+    dtype = cache_cfg.get("dtype", "bfloat16")
     context = {
         "model": dict(model_cfg),
         "device_type": device.type,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffseg.pipeline import DiffSegPipeline
+from diffseg.reference import realistic_attention
 from eval.attention_cache import (
     AttentionCache,
     CachedAttentionPipeline,
@@ -39,7 +40,7 @@ def _count_unet_calls(pipeline: DiffSegPipeline) -> list[int]:
     return calls
 
 
-def _wrap(pipe, directory: Path, dtype: str = "float16") -> CachedAttentionPipeline:
+def _wrap(pipe, directory: Path, dtype: str = "bfloat16") -> CachedAttentionPipeline:
     return CachedAttentionPipeline(pipe, AttentionCache(directory, {"model": "tiny"}, dtype))
 
 
@@ -59,12 +60,12 @@ def test_second_run_reads_the_cache_without_the_unet(tmp_path, images) -> None:
     mixed = second(images[1:], **CALL)  # image 1 stored, image 2 not: the UNet sees image 2 only
     assert calls[0] == 2 and second.cache.misses == 1
     assert torch.equal(mixed[0], labels[1])
-    # Stored as float16, one file per image, sizes as the estimate says.
+    # Stored as bfloat16, one file per image, sizes as the estimate says.
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert len(files) == 3
     stored = second.cache.load(files[0].stem)
-    assert {t.dtype for t in stored.values()} == {torch.float16}
-    assert sum(t.numel() * 2 for t in stored.values()) == bytes_per_image(pipe, RES, "float16")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert sum(t.numel() * 2 for t in stored.values()) == bytes_per_image(pipe, RES, "bfloat16")
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -107,6 +108,18 @@ def test_noise_keys_hold_the_batch(tmp_path, images) -> None:
 def test_bad_storage_dtype() -> None:
     with pytest.raises(ValueError, match=r"cache\.dtype"):
         AttentionCache("x", {}, "int8")
+    with pytest.raises(ValueError, match=r"float16 is not offered.*cache\.dtype=bfloat16"):
+        AttentionCache("x", {}, "float16")
+
+
+def test_bfloat16_keeps_what_float16_flushes_to_zero() -> None:
+    # Why float16 is refused: peaked attention holds probabilities far below float16's smallest
+    # subnormal (6e-8); they become 0 and their maps' KL infinite. bfloat16 keeps float32's range.
+    attention = realistic_attention(batch=1, size=16, seed=0)[0].mean(dim=1)
+    tiny = (attention > 0) & (attention < 2**-25)
+    assert tiny.any()
+    assert (attention.to(torch.float16)[tiny] == 0).all()
+    assert (attention.to(torch.bfloat16)[tiny] > 0).all()
 
 
 @pytest.mark.slow
@@ -122,7 +135,7 @@ def test_harness_second_run_reuses_the_cache(tmp_path: Path) -> None:
         out = run_module("eval", Path.cwd(), *common, f"hydra.run.dir={tmp_path / run}")
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         outs.append(out.stdout)
-    assert "MiB per image (float16) x 3 images" in outs[0]
+    assert "MiB per image (bfloat16) x 3 images" in outs[0]
     assert "0 image(s) read, 3 computed" in outs[0]
     assert "3 image(s) read, 0 computed" in outs[1]
     a, b = (read_csv_rows(tmp_path / run / "results.csv")[0] for run in ("a", "b"))

@@ -170,3 +170,19 @@ def test_hub_failure_names_the_component_and_the_override(monkeypatch):
     ) as info:
         DiffSegPipeline.from_pretrained("org/sd", device="cpu")
     assert "couldn't connect" in str(info.value)
+
+
+def test_compiled_unet_keeps_capturing_the_same_attention(images):
+    # The eager backend checks what compile_unet changes (processors installed for good, one store
+    # reset per call) without the minutes inductor needs on this CPU (bench --compile does that).
+    pipe = DiffSegPipeline.from_tiny(seed=0)
+    expected = pipe(images, resolution=RES, kl_threshold=KL, return_intermediates=True)
+    assert not pipe.compiled
+    pipe.compile_unet(backend="eager")
+    pipe.compile_unet(backend="eager")  # a no-op: compiling twice would drop the first store
+    assert pipe.compiled
+    for _ in range(2):  # a second call must not add to the first call's sums
+        out = pipe(images, resolution=RES, kl_threshold=KL, return_intermediates=True)
+        assert torch.equal(out.labels, expected.labels)
+        for r, attention in expected.attention.items():
+            torch.testing.assert_close(out.attention[r], attention, rtol=0, atol=1e-6)
