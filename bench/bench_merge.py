@@ -4,8 +4,9 @@ One (1, 64, 64, 64, 64) aggregated map built from peaked synthetic attention at 
 16x16 anchors, 3 merging iterations. Each method runs in a fresh subprocess that loads the saved
 input, so its peak resident memory (`ru_maxrss`: the whole process, Python and torch included) is
 its own; on CUDA the peak is `torch.cuda.max_memory_allocated`. Labels are compared exactly.
-A last table rounds the per-resolution attention to float16 and bfloat16 before aggregating (the
-attention cache's storage types) and gives the share of pixels labelled as from float32.
+A last table gives the share of pixels labelled as from float32 when the attention is rounded to
+float16 or bfloat16 before aggregating (as the attention cache stores it) or its scores are
+computed in them (as a half-precision UNet does).
 
     .venv/bin/python bench/bench_merge.py [--device cuda] [--ref-dtype float64] [--repeat 3]
 """
@@ -88,8 +89,7 @@ def main() -> None:
         _child(args.child, args.input, args.device, args.ref_dtype, args.repeat)
         return
 
-    attention = realistic_attention(batch=1, size=64, seed=args.seed)
-    aggregated = aggregate_attention(attention)
+    aggregated = aggregate_attention(realistic_attention(batch=1, size=64, seed=args.seed))
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "aggregated.pt")
         torch.save(aggregated, path)
@@ -141,26 +141,35 @@ def main() -> None:
         f"float32 {kl_seconds[torch.float32]:.2f} s"
     )
     print()
-    print(storage_precision(attention))
+    print(storage_precision(args.seed))
 
 
-def storage_precision(attention: list[torch.Tensor]) -> str:
-    """Labels when each resolution's attention is rounded to a half-precision type first (as the
-    attention cache stores it) against the labels from float32: the share of equal pixels."""
-    # The cache holds the head-averaged maps: round those.
-    attention = [a.mean(dim=1, keepdim=True) for a in attention]
-    expected = segment_attention(aggregate_attention(attention), THRESHOLDS, num_points=16)[0]
+def storage_precision(seed: int) -> str:
+    """Labels from half-precision attention against the labels from float32, as the share of equal
+    pixels: the head-averaged maps rounded to a 2-byte type (what the attention cache stores), and
+    the scores ``Q K^T`` computed in it (what a half-precision UNet's capture does; its softmax is
+    float32)."""
+
+    def labels(attention: list[torch.Tensor]) -> torch.Tensor:
+        return segment_attention(aggregate_attention(attention), THRESHOLDS, num_points=16)[0]
+
+    exact = [a.mean(dim=1) for a in realistic_attention(batch=1, size=64, seed=seed)]
+    expected = labels(exact)
     rows = [
-        "| attention rounded to | segments | pixels labelled as from float32 (%) |",
+        "| half precision in | segments | pixels labelled as from float32 (%) |",
         "|---|---:|---:|",
+        f"| nothing (float32) | {len(expected.unique())} | 100.00 |",
     ]
     for dtype in (torch.float16, torch.bfloat16):
-        rounded = [a.to(dtype).float() for a in attention]
-        labels = segment_attention(aggregate_attention(rounded), THRESHOLDS, num_points=16)[0]
-        same = (labels == expected).double().mean().item() * 100
-        rows.append(
-            f"| {str(dtype).removeprefix('torch.')} | {len(labels.unique())} | {same:.2f} |"
-        )
+        name = str(dtype).removeprefix("torch.")
+        variants = {
+            f"stored maps, {name}": [a.to(dtype).float() for a in exact],
+            f"scores Q K^T, {name}": realistic_attention(batch=1, size=64, seed=seed, dtype=dtype),
+        }
+        for what, attention in variants.items():
+            got = labels(attention)
+            same = (got == expected).double().mean().item() * 100
+            rows.append(f"| {what} | {len(got.unique())} | {same:.2f} |")
     return "\n".join(rows)
 
 

@@ -85,6 +85,7 @@ def realistic_attention(
     regions: int = 4,
     temperature: float = 6.0,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """Peaked synthetic self-attention ``[(B, heads, r*r, r*r) for r in resolutions]``, float32.
 
@@ -92,6 +93,8 @@ def realistic_attention(
     ``size``, so neighbouring positions look alike, as in an image) is average-pooled to each
     resolution (default ``size, size/2, size/4, size/8``); per head, random projections give
     low-rank ``Q`` and ``K`` and the attention is ``softmax(Q K^T * temperature / sqrt(rank))``.
+    ``dtype``: the precision of ``Q``, ``K`` and the scores, as a half-precision UNet has them; the
+    softmax is float32 either way, as in the capture processor.
     """
     gen = torch.Generator().manual_seed(seed)
     if resolutions is None:
@@ -106,6 +109,6 @@ def realistic_attention(
         wk = wq + 0.3 * torch.randn(heads, rank, rank, generator=gen) / rank**0.5
         q = torch.einsum("bnc,hcd->bhnd", feat, wq)
         k = torch.einsum("bnc,hcd->bhnd", feat, wk)
-        logits = q @ k.transpose(-1, -2) * (temperature / rank**0.5)
-        out.append(logits.softmax(dim=-1))
+        logits = q.to(dtype) @ k.to(dtype).transpose(-1, -2) * (temperature / rank**0.5)
+        out.append(logits.softmax(dim=-1, dtype=torch.float32))
     return out

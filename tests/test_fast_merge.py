@@ -49,3 +49,14 @@ def test_later_merge_equals_the_per_proposal_loop(seed: int, thresholds) -> None
         assert fast.shape == slow.shape  # the same groups
         torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-15)
     assert 1 < len(fast) < len(proposals)  # the iterations did merge, and not everything
+
+
+def test_realistic_attention_in_half_precision_scores():
+    exact = realistic_attention(batch=1, size=16, seed=0)
+    for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 0.1)):
+        half = realistic_attention(batch=1, size=16, seed=0, dtype=dtype)
+        for a, h in zip(exact, half, strict=True):
+            assert h.dtype == torch.float32  # softmax in float32, as the capture processor
+            torch.testing.assert_close(h.sum(-1), torch.ones_like(h.sum(-1)))
+            assert not torch.equal(a, h)
+            torch.testing.assert_close(h, a, rtol=0, atol=tol)
