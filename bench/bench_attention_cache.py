@@ -11,15 +11,21 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from bench_pipeline import bench_images, build, machine
 
 from eval.attention_cache import AttentionCache, CachedAttentionPipeline, bytes_per_image
 
+T = TypeVar("T")
 
-def _seconds(device: torch.device, fn, *args, **kwargs):
+
+def _seconds(
+    device: torch.device, fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> tuple[float, T]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

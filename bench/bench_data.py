@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fixtures
 
@@ -66,7 +66,7 @@ def make_coco(root: Path, n: int) -> None:
     curated.write_text("".join(f"{i}\n" for i in ids))
 
 
-def images_per_s(dataset, workers: int, batch_size: int) -> float:
+def images_per_s(dataset: Dataset, workers: int, batch_size: int) -> float:
     """Steady-state rate: the clock starts when the first batch arrives (worker start-up and
     the first batch are left out, as they are once per run, not per image)."""
     loader = iter(DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate))

@@ -27,9 +27,10 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ from diffseg.models import (
 from diffseg.pipeline import DiffSegPipeline, _resolve_dtype
 
 STAGES = ("vae", "unet_plain", "unet_capture", "aggregate", "merge")
+T = TypeVar("T")
 
 
 def _rss_bytes() -> int:
@@ -55,7 +57,7 @@ def _rss_bytes() -> int:
 
 
 @contextmanager
-def _peak_memory(device: torch.device, out: dict[str, float], key: str):
+def _peak_memory(device: torch.device, out: dict[str, float], key: str) -> Iterator[None]:
     """Peak extra memory (MiB) while the block runs: CUDA allocator peak, or sampled CPU RSS."""
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -85,7 +87,7 @@ def _peak_memory(device: torch.device, out: dict[str, float], key: str):
         out[key] = (max(peak, _rss_bytes()) - base) / 2**20
 
 
-def _timed(fn: Callable, device: torch.device, times: dict, mem: dict, key: str):
+def _timed(fn: Callable[[], T], device: torch.device, times: dict, mem: dict, key: str) -> T:
     with _peak_memory(device, mem, key):
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -35,7 +35,9 @@ def file_digest(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path, size: int | None = None, md5: str | None = None, sha256: str | None = None):
+def verify(
+    path: Path, size: int | None = None, md5: str | None = None, sha256: str | None = None
+) -> None:
     """Raise :class:`ChecksumError` naming the file, expected and actual values on a mismatch.
     Only what is recorded is checked (``None``: nothing recorded)."""
     actual = path.stat().st_size

@@ -22,8 +22,12 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eval.download import download, extract, place, verify
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -118,7 +122,7 @@ def prepare(
     return report
 
 
-def compose_config(overrides: list[str]):
+def compose_config(overrides: list[str]) -> DictConfig:
     """``conf/config.yaml`` with ``overrides``, resolved as ``python -m eval`` would see it.
 
     The model, segmenter and logger groups are left out: preparing data needs none of them."""

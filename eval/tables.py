@@ -18,7 +18,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,7 +295,7 @@ def display_table(tidy: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
 def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (text left-aligned, every other column right-aligned)."""
 
-    def cells(values) -> str:
+    def cells(values: Iterable[object]) -> str:
         return "| " + " | ".join(str(v).replace("|", r"\|") for v in values) + " |"
 
     rule = ["---" if c in _TEXT_COLUMNS else "---:" for c in frame.columns]

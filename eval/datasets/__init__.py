@@ -7,6 +7,7 @@ with classes ``0..C-1`` and -1 ignored, ``id`` str, and has ``class_names``, ``n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +42,7 @@ CACHE_OPTIONS = ("cache", "cache_dtype", "source", "columns")
 
 def get_dataset(
     name: str,
-    root=None,
+    root: str | os.PathLike | None = None,
     split: str | None = "val",
     resolution: int = 512,
     cache: bool = False,

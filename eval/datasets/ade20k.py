@@ -8,7 +8,10 @@ values above 150 are an error.  The validation split has 2,000 images.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import numpy as np
 
 from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import ADE20K_CLASSES
@@ -19,11 +22,13 @@ LAYOUT = """  ROOT/ADEChallengeData2016/images/validation/<id>.jpg
   ROOT/ADEChallengeData2016/annotations/validation/<id>.png   (8-bit grey, 0 other, 1..150)"""
 
 
-def lut():
+def lut() -> np.ndarray:
     return label_lut({v: v - 1 for v in range(1, len(ADE20K_CLASSES) + 1)}, ignore=[0])
 
 
-def ade20k(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
+def ade20k(
+    root: str | os.PathLike, split: str = "val", on_error: str = "raise", **kwargs
+) -> SegmentationFiles:
     """ADE20K-150; ``root`` may be the folder holding ``ADEChallengeData2016`` or that folder."""
     if split not in FOLDERS:
         raise ValueError(f"ade20k: split must be one of {sorted(FOLDERS)}, got {split!r}")

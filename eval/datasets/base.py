@@ -48,7 +48,9 @@ class Sample:
     label: Path
 
 
-def label_lut(mapping: Mapping[int, int], ignore: Sequence[int] = (), default: int = _UNDEFINED):
+def label_lut(
+    mapping: Mapping[int, int], ignore: Sequence[int] = (), default: int = _UNDEFINED
+) -> np.ndarray:
     """A 256-entry lookup table for 8-bit label PNGs: ``mapping`` values, ``IGNORE`` for the
     ``ignore`` ids and ``default`` (undefined, an error) for every other value."""
     lut = np.full(256, default, dtype=np.int64)

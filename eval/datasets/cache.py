@@ -29,8 +29,9 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from torch.utils.data import DataLoader, Dataset
 from eval.datasets import base
 from eval.datasets.base import DataFileError, SegmentationFiles, check_on_error
 from eval.datasets.sources import TableSegmentation, parquet_files, parse_source
+
+if TYPE_CHECKING:
+    import datasets
 
 CACHE_VERSION = 1
 DTYPES = ("float32", "uint8")
@@ -139,7 +143,9 @@ def _label_dtype(n_class: int) -> str:
     return "int8" if n_class < 128 else "int16"
 
 
-def _generate(source: Dataset, resolution: int, dtype: str, num_workers: int, desc: str):
+def _generate(
+    source: Dataset, resolution: int, dtype: str, num_workers: int, desc: str
+) -> Iterator[dict[str, np.ndarray | str]]:
     from tqdm.auto import tqdm
 
     ldtype = getattr(torch, _label_dtype(source.n_class))
@@ -227,7 +233,14 @@ class CachedDataset(Dataset):
     ``skipped``.  A pair that could not be read raises its :class:`DataFileError` again, or with
     ``on_error="skip"`` warns and yields ``None``, as the source loader does."""
 
-    def __init__(self, table, class_names, name: str, on_error: str = "raise", skipped: int = 0):
+    def __init__(
+        self,
+        table: datasets.Dataset,
+        class_names: Sequence[str],
+        name: str,
+        on_error: str = "raise",
+        skipped: int = 0,
+    ):
         check_on_error(on_error)
         # "numpy" + torch.from_numpy, not "torch": the torch formatter copies each array through
         # torch.tensor, which costs ~15 ms for a (3, 512, 512) float32 image (bench_data.py).
@@ -272,7 +285,7 @@ def key_options(dataset: Dataset, source: str | None, columns: Mapping | None) -
 
 def cached(
     dataset: Dataset,
-    root,
+    root: str | os.PathLike | None,
     name: str,
     split: str | None,
     resolution: int,

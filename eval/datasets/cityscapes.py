@@ -9,7 +9,10 @@ exactly the official ``get_fine_to_coarse`` in ``data/cityscapes/cityscapes_data
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import numpy as np
 
 from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import CITYSCAPES27_CLASSES
@@ -20,13 +23,15 @@ LAYOUT = """  ROOT/leftImg8bit/val/<city>/<city>_<seq>_<frame>_leftImg8bit.png
   ROOT/gtFine/val/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png   (8-bit grey labelIds)"""
 
 
-def lut():
+def lut() -> np.ndarray:
     """labelId 7..33 -> 0..26; every other 8-bit value -> ignore (none is an error)."""
     mapping = {FIRST_ID + k: k for k in range(len(CITYSCAPES27_CLASSES))}
     return label_lut(mapping, default=-1)
 
 
-def cityscapes(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
+def cityscapes(
+    root: str | os.PathLike, split: str = "val", on_error: str = "raise", **kwargs
+) -> SegmentationFiles:
     """Cityscapes with 27 classes; see the module docstring for the conventions."""
     root = Path(root)
     images = root / "leftImg8bit" / split

@@ -20,7 +20,11 @@ than to a class.  Any other value (182..254) is an error.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from eval.datasets.base import (
     Sample,
@@ -46,12 +50,12 @@ LAYOUT = f"""  ROOT/images/val2017/<id>.jpg
 UNUSED_IDS = [i for i, (_, sup) in enumerate(COCO_STUFF_FINE) if sup is None]
 
 
-def stuff27_lut():
+def stuff27_lut() -> np.ndarray:
     """Fine id -> coarse class; 255 and unused thing ids -> ignore; 182..254 undefined."""
     return label_lut(coco_fine_to_coarse(), ignore=[255, *UNUSED_IDS])
 
 
-def object81_lut():
+def object81_lut() -> np.ndarray:
     """Annotated thing id -> 1..80 in COCO order, stuff -> 0, 255 and unused ids -> ignore."""
     things = [i for i in range(COCO_FIRST_STUFF) if COCO_STUFF_FINE[i][1] is not None]
     mapping = {fine: k + 1 for k, fine in enumerate(things)}
@@ -91,7 +95,15 @@ def _samples(name: str, root: Path, split: str) -> list[Sample]:
     return [Sample(i, images / f"{i}.jpg", labels / f"{i}.png") for i in ids]
 
 
-def _build(name, lut, classes, root, split, on_error, **kwargs) -> SegmentationFiles:
+def _build(
+    name: str,
+    lut: np.ndarray,
+    classes: Sequence[str],
+    root: str | os.PathLike,
+    split: str,
+    on_error: str,
+    **kwargs,
+) -> SegmentationFiles:
     split = {"val": "curated"}.get(split, split)
     if split not in SPLIT_SIZES:
         raise ValueError(f"{name}: split must be 'curated' (or 'val') or 'full', got {split!r}")
@@ -106,14 +118,18 @@ def _build(name, lut, classes, root, split, on_error, **kwargs) -> SegmentationF
     )
 
 
-def coco_stuff27(root, split="curated", on_error="raise", **kwargs) -> SegmentationFiles:
+def coco_stuff27(
+    root: str | os.PathLike, split: str = "curated", on_error: str = "raise", **kwargs
+) -> SegmentationFiles:
     """COCO-Stuff-27 (27 coarse classes); see the module docstring for the conventions."""
     return _build(
         "coco_stuff27", stuff27_lut(), COCO_STUFF27_CLASSES, root, split, on_error, **kwargs
     )
 
 
-def coco_object(root, split="full", on_error="raise", **kwargs) -> SegmentationFiles:
+def coco_object(
+    root: str | os.PathLike, split: str = "full", on_error: str = "raise", **kwargs
+) -> SegmentationFiles:
     """COCO-Object (80 things + background); see the module docstring for the conventions."""
     return _build(
         "coco_object", object81_lut(), COCO_OBJECT_CLASSES, root, split, on_error, **kwargs

@@ -21,6 +21,7 @@ import glob
 import io
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -38,6 +39,9 @@ from eval.datasets.classes import (
 )
 from eval.datasets.coco import object81_lut, stuff27_lut
 from eval.datasets.voc import context_lut, voc_lut
+
+if TYPE_CHECKING:
+    import datasets
 
 KINDS = ("parquet", "hf")
 DEFAULT_COLUMNS = {"image": "image", "label": "label", "id": "id"}
@@ -79,7 +83,7 @@ def parquet_files(pattern: str) -> list[Path]:
     return files
 
 
-def load_table(source: str, split: str | None, cache_dir: Path | None = None):
+def load_table(source: str, split: str | None, cache_dir: Path | None = None) -> datasets.Dataset:
     """The ``datasets.Dataset`` behind ``source`` (for ``hf:``, its ``split``)."""
     import datasets
 
@@ -98,7 +102,7 @@ def load_table(source: str, split: str | None, cache_dir: Path | None = None):
     )
 
 
-def _array(value, what: str, label: bool) -> np.ndarray:
+def _array(value: Any, what: str, label: bool) -> np.ndarray:
     """A table cell (PIL image, ``{"bytes": ...}`` dict, raw bytes or nested list) as an array:
     RGB uint8 ``(H, W, 3)`` for images, raw ids ``(H, W)`` for labels."""
     if isinstance(value, dict):
@@ -132,7 +136,9 @@ class TableSegmentation(SegmentationFiles):
     Items, errors and ``on_error`` behave as for the files; error messages name the source and row.
     """
 
-    def __init__(self, name: str, table, source: str, columns: Mapping[str, str], **kwargs):
+    def __init__(
+        self, name: str, table: datasets.Dataset, source: str, columns: Mapping[str, str], **kwargs
+    ):
         lut, classes = LABEL_MAPS[name]
         missing = [c for k, c in columns.items() if k != "id" and c not in table.column_names]
         if missing:

@@ -10,6 +10,7 @@ pixel noise makes it harder.  Item ``i`` depends only on ``(seed, i)``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.utils.data import Dataset
@@ -98,7 +99,12 @@ class SyntheticScenes(Dataset):
         }
 
 
-def synthetic(root=None, split="val", resolution=512, **options) -> SyntheticScenes:
+def synthetic(
+    root: str | os.PathLike | None = None,
+    split: str | None = "val",
+    resolution: int = 512,
+    **options,
+) -> SyntheticScenes:
     """The synthetic dataset; ``root`` and ``split`` are accepted for a uniform call and unused."""
     check_on_error(options.pop("on_error", "raise"))  # nothing can fail; accepted for uniformity
     return SyntheticScenes(resolution=resolution, **options)

@@ -17,7 +17,11 @@ Other label values are an error.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import PASCAL_CONTEXT59_CLASSES, VOC_CLASSES
@@ -32,18 +36,29 @@ CONTEXT_LAYOUT = """  ROOT/VOCdevkit/VOC2010/JPEGImages/<id>.jpg
   ROOT/VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt"""
 
 
-def voc_lut():
+def voc_lut() -> np.ndarray:
     return label_lut({c: c for c in range(len(VOC_CLASSES))}, ignore=[255])
 
 
-def context_lut(background: bool = False):
+def context_lut(background: bool = False) -> np.ndarray:
     if background:
         return label_lut({v: v for v in range(60)}, ignore=[255])
     return label_lut({v: v - 1 for v in range(1, 60)}, ignore=[0, 255])
 
 
 def _id_list_dataset(
-    name, base, root, labels, split_file, layout, lut, classes, sizes, split, on_error, **kwargs
+    name: str,
+    base: Path,
+    root: Path,
+    labels: str,
+    split_file: str,
+    layout: str,
+    lut: np.ndarray,
+    classes: Sequence[str],
+    sizes: Mapping[str, int],
+    split: str,
+    on_error: str,
+    **kwargs,
 ) -> SegmentationFiles:
     ids_path = base / split_file.format(split=split)
     if not (base / "JPEGImages").is_dir():
@@ -75,7 +90,9 @@ def _devkit(root: Path, year: str) -> Path:
     return root / "VOCdevkit" / year
 
 
-def voc(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
+def voc(
+    root: str | os.PathLike, split: str = "val", on_error: str = "raise", **kwargs
+) -> SegmentationFiles:
     """PASCAL VOC 2012, 21 classes; see the module docstring for the conventions."""
     root = Path(root)
     return _id_list_dataset(
@@ -95,7 +112,11 @@ def voc(root, split="val", on_error="raise", **kwargs) -> SegmentationFiles:
 
 
 def pascal_context59(
-    root, split="val", on_error="raise", background=False, **kwargs
+    root: str | os.PathLike,
+    split: str = "val",
+    on_error: str = "raise",
+    background: bool = False,
+    **kwargs,
 ) -> SegmentationFiles:
     """Pascal Context, 59 classes (60 with ``background``); see the module docstring."""
     root = Path(root)
