@@ -230,18 +230,27 @@ class _Indexed(Dataset):
 def _collate(batch: Sequence[tuple[int, dict | None]]) -> dict[str, Any]:
     """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices.
 
-    ``images``: the items' images stacked ``(B, 3, H, W)`` when they share a size, else None.
-    Stacking here, in the loader's workers, lets ``pin_memory`` pin the batch the model gets, so
-    its copy to the GPU can overlap with compute.
+    ``images``: when the images share a size they are moved out of the items into one stack
+    ``(B, 3, H, W)`` (else None). Stacking here, in the loader's workers, lets ``pin_memory`` pin
+    the batch the model gets, so its copy to the GPU can overlap with compute; moving (not
+    copying) them keeps each image from crossing to the main process and being pinned twice.
+    ``_restore_images`` puts views of the stack back into the items.
     """
     items = [item for _, item in batch if item is not None]
     same_size = len({tuple(it["image"].shape) for it in items}) == 1
     return {
         "index": [i for i, item in batch if item is not None],
         "items": items,
-        "images": torch.stack([it["image"] for it in items]) if same_size else None,
+        "images": torch.stack([it.pop("image") for it in items]) if same_size else None,
         "skipped": [i for i, item in batch if item is None],
     }
+
+
+def _restore_images(batch: dict[str, Any]) -> None:
+    """Give each item of a ``_collate`` batch its image again, as a view of the stack."""
+    if batch["images"] is not None:
+        for item, image in zip(batch["items"], batch["images"], strict=True):
+            item["image"] = image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,6 +431,7 @@ def _loop(
     try:
         start = time.perf_counter()
         for batch in loader:
+            _restore_images(batch)
             new = [{"index": i, "skipped": True} for i in batch["skipped"]]
             if batch["items"]:
                 preds = _predict(

@@ -34,6 +34,7 @@ from eval.run import (
     _check_config,
     _collate,
     _predict,
+    _restore_images,
     open_run_state,
     resolve_device,
 )
@@ -425,6 +426,11 @@ def test_collate_stacks_same_size_images_and_keeps_skipped_indices() -> None:
     batch = _collate([(4, {"image": a}), (5, None), (6, {"image": b})])
     assert batch["index"] == [4, 6] and batch["skipped"] == [5]
     assert torch.equal(batch["images"], torch.stack([a, b]))
+    _restore_images(batch)
+    assert [item["image"].data_ptr() for item in batch["items"]] == [
+        image.data_ptr() for image in batch["images"]
+    ]  # views of the one stack
+    assert torch.equal(batch["items"][1]["image"], b)
     mixed = _collate([(0, {"image": a}), (1, {"image": torch.rand(3, 8, 10)})])
     assert mixed["images"] is None and len(mixed["items"]) == 2
     assert _collate([(0, None)])["images"] is None
@@ -438,7 +444,7 @@ def test_predict_batched_on_the_stack_equals_one_call_per_image() -> None:
         return (images[:, 0] > 0.5).long()
 
     items = [{"image": torch.rand(3, 8, 8)} for _ in range(3)]
-    stacked = _collate(list(enumerate(items)))["images"]
+    stacked = _collate([(i, dict(item)) for i, item in enumerate(items)])["images"]
     batched = _predict(pipeline, items, torch.device("cpu"), {}, 3, stacked)
     single = _predict(pipeline, items, torch.device("cpu"), {}, 3)
     assert calls == [3, 1, 1, 1]
