@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from bench_pipeline import bench_images, build, machine
+from bench_pipeline import bench_images, build, machine, report
 
 from eval.attention_cache import AttentionCache, CachedAttentionPipeline, bytes_per_image
 
@@ -81,10 +81,7 @@ def main() -> None:
             *rows,
         ]
     )
-    print("\n" + text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write(f"\n## Attention cache ({args.device})\n\n{text}\n")
+    report(text, f"Attention cache ({args.device})", args.append)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def measure(
     for i in range(args.warmup):
         start = time.perf_counter()
         run_once(pipe, batch, args.resolution, plain_pass=plain)
-        first = time.perf_counter() - start if i == 0 else first
+        if i == 0:
+            first = time.perf_counter() - start
     runs = [run_once(pipe, batch, args.resolution, plain_pass=plain) for _ in range(args.repeats)]
     times = {s: min(r[0][s] for r in runs) for s in STAGES}
     mem = {s: max(r[1][s] for r in runs) for s in [*STAGES, "total"] if s in runs[0][1]}
@@ -198,6 +199,14 @@ def compare_capture(device: torch.device, dtype: torch.dtype, repeats: int) -> l
     base = best["SDPA only (no capture)"]
     rows += [f"| {name} | {s:.3f} | {s / base:.2f}x |" for name, s in best.items()]
     return rows
+
+
+def report(text: str, title: str, append: Path | None) -> None:
+    """Print a result table; with `append`, also add it to that Markdown file under `title`."""
+    print("\n" + text)
+    if append:
+        with open(append, "a") as f:
+            f.write(f"\n## {title}\n\n{text}\n")
 
 
 def machine(device: torch.device) -> str:
@@ -294,11 +303,7 @@ def main() -> None:
         dtype = _resolve_dtype(args.dtype, device)
         lines += ["", "Capture variants, one SD 1.4 layer at 64x64 (batch 1):", ""]
         lines += compare_capture(device, dtype, repeats=3)
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write(f"\n## Pipeline ({args.device})\n\n{text}\n")
+    report("\n".join(lines), f"Pipeline ({args.device})", args.append)
 
 
 if __name__ == "__main__":
