@@ -171,9 +171,11 @@ class CachedAttentionPipeline:
             computed = self.pipeline.attention(
                 images[run], timestep, resolution, prompt, noise, seed
             )
+            # On the CPU, as what `load` reads: one copy for the batch, and one device to stack.
+            computed = {r: a.to("cpu", self.cache.dtype) for r, a in computed.items()}
             for j, i in enumerate(run):
                 if stored[i] is None:
-                    stored[i] = {r: a[j].to(self.cache.dtype) for r, a in computed.items()}
+                    stored[i] = {r: a[j] for r, a in computed.items()}
                     self.cache.save(keys[i], stored[i])
         self.cache.misses += len(missing)
         self.cache.hits += len(images) - len(missing)
