@@ -375,15 +375,13 @@ def _predict(
     images: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``(H, W)`` labels for each item: one batched call on ``images`` (the items' images stacked,
-    as ``_collate`` makes them), or one call per image when there is no stack (sizes differ)."""
+    as ``_collate`` makes them), or one call per image when there is no stack (sizes differ).
+    Images stay on the CPU: the pipeline's preprocessing moves them to ``device`` (non-blocking
+    from pinned memory), after the attention cache has hashed them where they are."""
     try:
         if images is not None:
-            images = images.to(device, non_blocking=True)
             return list(segment_batch(pipeline, images, items, call).cpu())
-        return [
-            segment_batch(pipeline, it["image"][None].to(device), [it], call)[0].cpu()
-            for it in items
-        ]
+        return [segment_batch(pipeline, it["image"][None], [it], call)[0].cpu() for it in items]
     except torch.OutOfMemoryError as e:
         lower = (
             f"lower it, e.g. batch_size={max(1, batch_size // 2)}"

@@ -111,7 +111,7 @@ def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]
         while name in used:  # same file name in two folders
             name += "_"
         used.add(name)
-        labels = segment_batch(pipeline, image[None].to(device), [{"id": name}], call)[0].cpu()
+        labels = segment_batch(pipeline, image[None], [{"id": name}], call)[0].cpu()
         depth = visualize.save_label_png(labels, out_dir / f"{name}_labels.png")
         visualize.save_segmentation(
             visualize.to_uint8_image(image), labels, out_dir / f"{name}_segments.png"
