@@ -11,6 +11,9 @@ Here the per-image counts are sum-reduced states, so ``torchmetrics``' distribut
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torchmetrics import Metric
@@ -93,7 +96,23 @@ class HungarianIoU(Metric):
             )
         self.add_state("total", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+    def update(
+        self,
+        pred: torch.Tensor | None = None,
+        label: torch.Tensor | None = None,
+        *,
+        counts: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Match and add ``pred``/``label`` ``(B, H, W)``; or add ``counts``, one image's matching
+        already done (``tp``, ``fp``, ``fn`` per class and ``total``, as ``match_per_image``
+        returns them, e.g. from a stored record), without matching it again."""
+        if counts is not None:
+            for name in ("tp", "fp", "fn", "total"):
+                state = getattr(self, name)
+                state += torch.as_tensor(counts[name], dtype=torch.int64, device=state.device)
+            return
+        if pred is None or label is None:
+            raise ValueError("update takes pred and label, or counts=")
         if pred.ndim != 3 or tuple(pred.shape) != tuple(label.shape):
             raise ValueError(
                 f"pred and label must both be (B, H, W) with the same shape, got pred "

@@ -2,9 +2,9 @@
 tables, pictures, W&B and the ledger.
 
 Resumable: each finished image is appended to ``per_image.jsonl`` (flushed and fsynced) with its
-integer TP/FP/FN counts from ``eval.matching``. A resumed run merges the stored counts of the
-finished images into the metric (``merge_state``) and updates it with the new ones; the metric only
-sums integers, so the numbers are exactly those of a run that never stopped. ``run.json`` pins the
+integer TP/FP/FN counts from ``eval.matching``; the metric adds those counts (``update(counts=)``),
+the stored ones of a resumed run's finished images as the new ones. It only sums integers, so the
+numbers are exactly those of a run that never stopped. ``run.json`` pins the
 settings that decide the numbers; resuming with different ones is refused.
 """
 
@@ -285,21 +285,9 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
     print(f"Ledger: {out.ledger} ({state})")
 
 
-def _merge_record(metric: HungarianIoU, record: Mapping[str, Any]) -> None:
-    """Add a finished image's stored counts (from an earlier session) to the metric's states."""
-    metric.merge_state(
-        {
-            "tp": torch.as_tensor(record["tp"], dtype=torch.int64),
-            "fp": torch.as_tensor(record["fp"], dtype=torch.int64),
-            "fn": torch.as_tensor(record["fn"], dtype=torch.int64),
-            "total": torch.as_tensor(record["total"], dtype=torch.int64),
-        }
-    )
-
-
 def _scores(metric: HungarianIoU) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
-        # A resumed run whose images were all done merges states without calling update().
+        # A rank with no images of its own (torchrun, more ranks than images) never updates.
         warnings.filterwarnings("ignore", message=".*was called before the ``update``")
         return metric.compute()
 
@@ -330,14 +318,7 @@ def _score_item(
     cfg: DictConfig,
 ) -> dict[str, Any]:
     """One image's record for ``per_image.jsonl``; saves its prediction as a label PNG."""
-    label = item["label"]
-    if tuple(pred.shape) != tuple(label.shape):
-        # Only with dataset.keep_size: labels keep the image's size, the model predicts a square.
-        pred = F.interpolate(
-            pred[None, None].float(), size=tuple(label.shape), mode="nearest-exact"
-        )
-        pred = pred[0, 0].long()
-    tp, fp, fn, total = match_per_image(pred, label, n_class)
+    tp, fp, fn, total = match_per_image(pred, item["label"], n_class)
     scores = scores_from_counts(
         torch.from_numpy(tp), torch.from_numpy(fp), torch.from_numpy(fn), total
     )
@@ -440,7 +421,6 @@ def _loop(
                 if score is not None:
                     # The protocol's scoring view (eval/protocol.py): size, background, PAMR.
                     batch["items"], preds = score.batch(batch["items"], preds)
-                    labels = [item["label"] for item in batch["items"]]
                 scored = [
                     _score_item(i, item, pred, dataset.n_class, run_dir, cfg)
                     for i, item, pred in zip(batch["index"], batch["items"], preds, strict=True)
@@ -452,8 +432,8 @@ def _loop(
                 for index, item, pred in zip(batch["index"], batch["items"], preds, strict=True):
                     if index < cfg.n_qualitative:
                         _save_qualitative(index, item, pred, dataset.n_class, run_dir)
-                for pred, label in zip(preds, labels, strict=True):
-                    metric.update(pred[None], label[None])
+                for rec in scored:  # the counts the matching just made, not a second matching
+                    metric.update(counts=rec)
                 new += scored
             appender.append(new)
             records.update({r["index"]: r for r in new})
@@ -633,7 +613,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     metric = HungarianIoU(dataset.n_class, sync_on_compute=False)
     for index in sorted(records):
         if not records[index].get("skipped"):
-            _merge_record(metric, records[index])
+            metric.update(counts=records[index])
 
     config = OmegaConf.to_container(cfg, resolve=True)
     # Not recursive: the config holds `_target_` keys of its own (model, logger).

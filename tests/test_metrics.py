@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from eval.matching import match_per_image
 from eval.metrics import HungarianIoU, image_scores
 
 # Image A: tp [3, 3], fp [0, 0], fn [1, 1], 8 labelled pixels (see test_matching).
@@ -104,3 +105,24 @@ def test_bad_shapes_and_n_class_raise():
         metric.update(PRED_A[None], LABEL_A[None, :, :3])
     with pytest.raises(ValueError, match="n_class"):
         HungarianIoU(0)
+
+
+def test_update_with_stored_counts_equals_matching_and_refreshes_compute():
+    g = torch.Generator().manual_seed(5)
+    preds = torch.randint(0, 4, (3, 6, 6), generator=g)
+    labels = torch.randint(-1, 3, (3, 6, 6), generator=g)
+    matched, added = HungarianIoU(3), HungarianIoU(3)
+    matched.update(preds, labels)
+    for i, (p, y) in enumerate(zip(preds, labels, strict=True)):
+        tp, fp, fn, total = match_per_image(p, y, 3)
+        added.update(
+            counts={"tp": tp.tolist(), "fp": fp.tolist(), "fn": fn.tolist(), "total": total}
+        )
+        if i == 0:
+            assert added.compute()["tp"].tolist() == tp.tolist()
+    # Each compute() sees the updates before it (merge_state would have kept the cached result).
+    assert added.compute()["tp"].tolist() != match_per_image(preds[0], labels[0], 3)[0].tolist()
+    for key, value in matched.compute().items():
+        torch.testing.assert_close(added.compute()[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pred and label, or counts"):
+        added.update(preds)
