@@ -28,16 +28,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 
 from diffseg.pipeline import DiffSegPipeline
+from eval.logging import atomic_open
 
 CACHE_VERSION = 1
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -97,17 +98,9 @@ class AttentionCache:
 
     def save(self, key: str, attention: Mapping[int, torch.Tensor]) -> None:
         """Store resolution -> ``(N, N)`` (already in the storage dtype), atomically."""
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            tensors = {f"r{r}": t.detach().cpu().contiguous() for r, t in attention.items()}
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensors = {f"r{r}": t.detach().cpu().contiguous() for r, t in attention.items()}
+        with atomic_open(self.path(key), "wb") as f:
+            f.write(safetensors_save(tensors))
 
     def summary(self) -> str:
         return (

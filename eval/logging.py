@@ -22,11 +22,14 @@ from filelock import FileLock
 
 
 @contextlib.contextmanager
-def _atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path`` for writing; move it over ``path`` on success."""
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing (``mode`` "w" or "wb"); move it over
+    ``path`` on success, delete it on failure, so ``path`` is never half written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; outputs and ledgers are shared
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
@@ -42,19 +45,19 @@ def write_csv_atomic(
     path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]
 ) -> None:
     """Write ``rows`` (dicts keyed by ``columns``; missing keys left empty) as CSV, atomically."""
-    with _atomic_open(Path(path), "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="raise")
         writer.writeheader()
         writer.writerows(rows)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    with _atomic_open(Path(path), "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    with _atomic_open(Path(path), "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
 
 

@@ -17,14 +17,14 @@ import argparse
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from eval.columns import SETTING_COLUMNS
+from eval.logging import atomic_open, write_text_atomic
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 METRICS = {"pixel_accuracy": "Acc", "miou": "mIoU"}
@@ -315,24 +315,6 @@ def to_latex(frame: pd.DataFrame) -> str:
     return latex.replace("Δ", r"$\Delta$").replace(NOT_PUBLISHED, "---")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be shared
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def write_tables(
     ledger_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -370,7 +352,7 @@ def write_tables(
             (".csv", tidy.to_csv(index=False)),
         ):
             path = out_dir / f"{name}{suffix}"
-            _write_text(path, text)
+            write_text_atomic(path, text)
             written.append(path)
     return written
 
@@ -441,9 +423,12 @@ def plot_sweep(
         fig.suptitle(f"{name}: sweep of {column}")
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"sweep_{name}_{column}")
         png, csv = out_dir / f"{stem}.png", out_dir / f"{stem}.csv"
-        _write_atomic(png, lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=120))
+        with atomic_open(png, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
         columns = ["experiment", *keys, column, *METRICS, "n_images", "run_id", "timestamp"]
-        _write_text(csv, points[[c for c in columns if c in points.columns]].to_csv(index=False))
+        write_text_atomic(
+            csv, points[[c for c in columns if c in points.columns]].to_csv(index=False)
+        )
         written += [png, csv]
     if not written:
         where = f"experiments {list(experiments)}" if experiments else "any experiment"

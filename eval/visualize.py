@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+
+from eval.logging import atomic_open
 
 BOUNDARY_COLOR = (255, 255, 255)  # white: visible on every jet colour
 IGNORE_COLOR = (0, 0, 0)
@@ -85,11 +86,8 @@ def _plural(n: int) -> str:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    FigureCanvasAgg(fig)
-    fig.savefig(tmp, bbox_inches="tight", dpi=100)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", bbox_inches="tight", dpi=100)
 
 
 def _panels(pictures: Sequence[tuple[str, np.ndarray]], title: str | None) -> Figure:
@@ -172,14 +170,7 @@ def save_label_png(labels: np.ndarray | torch.Tensor, path: str | Path) -> str:
     m = _numpy(labels)
     if m.ndim != 2 or m.min(initial=0) < 0 or m.max(initial=0) >= 2**16:
         raise ValueError(f"labels must be (H, W) in [0, 65535], got shape {m.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    if m.max(initial=0) < 256:
-        Image.fromarray(m.astype(np.uint8)).save(tmp)
-        depth = "8-bit"
-    else:
-        Image.fromarray(m.astype(np.uint16)).save(tmp)
-        depth = "16-bit"
-    tmp.replace(path)
+    depth = "8-bit" if m.max(initial=0) < 256 else "16-bit"
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(m.astype(np.uint8 if depth == "8-bit" else np.uint16)).save(f, format="PNG")
     return depth

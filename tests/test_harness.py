@@ -449,3 +449,13 @@ def test_predict_batched_on_the_stack_equals_one_call_per_image() -> None:
     single = _predict(pipeline, items, torch.device("cpu"), {}, 3)
     assert calls == [3, 1, 1, 1]
     assert all(torch.equal(x, y) for x, y in zip(batched, single, strict=True))
+
+
+def test_atomic_writes_leave_shared_permissions(tmp_path: Path) -> None:
+    # mkstemp creates 0600 files; a ledger shared by several users must stay readable.
+    ledger = tmp_path / "ledger.csv"
+    append_ledger(ledger, dict.fromkeys(RESULT_COLUMNS, "x"))
+    save_label_png(np.zeros((4, 4), dtype=np.int64), tmp_path / "labels.png")
+    for path in (ledger, tmp_path / "labels.png"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert not list(tmp_path.glob(".*.tmp"))
