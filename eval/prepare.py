@@ -102,7 +102,7 @@ def prepare(
     if report.missing:
         echo(f"{name}: {', '.join(report.missing)} not found in {root}. Manual steps:\n{steps}")
         return report
-    options = {k: v for k, v in dataset.items() if k not in ("kl_threshold", "name")}
+    options = {k: v for k, v in dataset.items() if k != "name"}
     options["root"] = root
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -566,9 +566,9 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     protocol = Protocol.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
     if cfg.dataset.name in protocol.splits:  # the protocol's split, recorded as the run's
         cfg.dataset.split = protocol.splits[cfg.dataset.name]
-    ds_kwargs = dataset_options(protocol, OmegaConf.to_container(cfg.dataset, resolve=True))
-    ds_kwargs.pop("kl_threshold", None)
-    dataset = get_dataset(**ds_kwargs)
+    dataset = get_dataset(
+        **dataset_options(protocol, OmegaConf.to_container(cfg.dataset, resolve=True))
+    )
     if protocol.transforms_data:
         dataset = ProtocolData(dataset, protocol, cfg.dataset.name)
     score = protocol_scoring(protocol, dataset, cfg.dataset.name)

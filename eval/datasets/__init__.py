@@ -29,8 +29,9 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "coco_object": coco_object,
     "synthetic": synthetic,
 }
-# Keys of conf/dataset/*.yaml that only eval.prepare reads.
-PREPARE_KEYS = ("name", "sources", "manual_steps")
+# Keys of conf/dataset/*.yaml that are not loader options: eval.prepare's, and the dataset's
+# default merging threshold (read by conf/segmenter).
+CONFIG_ONLY_KEYS = ("name", "sources", "manual_steps", "kl_threshold")
 FILE_OPTIONS = ("on_error", "antialias", "keep_size")
 # Options of one dataset only.
 DATASET_OPTIONS = {"pascal_context59": ("background",)}
@@ -53,9 +54,9 @@ def get_dataset(
 
     ``options``: ``on_error`` ("raise" or "skip"), ``antialias`` (image resize, default False as
     the official TF2 resize), ``keep_size`` (no crop or resize); the synthetic dataset takes
-    ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead.  Keys only
-    ``eval.prepare`` uses (``sources``, ``manual_steps``) are accepted and ignored, so a whole
-    ``cfg.dataset`` minus ``kl_threshold`` can be passed.
+    ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead.  Config keys
+    that are not loader options (``sources``, ``manual_steps``, ``kl_threshold``) are accepted
+    and ignored, so a whole ``cfg.dataset`` can be passed.
 
     ``cache=True`` reads the preprocessed Arrow cache under ``ROOT/.cache`` (built first when
     absent or stale; ``cache_dtype`` "float32" exact or "uint8"); ``source="parquet:GLOB"`` or
@@ -64,7 +65,7 @@ def get_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    options = {k: v for k, v in options.items() if k not in PREPARE_KEYS}
+    options = {k: v for k, v in options.items() if k not in CONFIG_ONLY_KEYS}
     cache_dtype = options.pop("cache_dtype", "float32")
     columns = options.pop("columns", None)
     allowed = SYNTHETIC_OPTIONS if name == "synthetic" else FILE_OPTIONS
