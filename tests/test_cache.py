@@ -245,3 +245,20 @@ def test_prepare_builds_the_cache(tmp_path, capsys):
     assert (tmp_path / ".cache" / name / "fingerprint.json").is_file()
     assert prepare_main(argv) == 0
     assert "caching" not in capsys.readouterr().out  # second run reuses it
+
+
+def test_parquet_pascal_context_takes_the_background_option(tmp_path):
+    from datasets import Dataset, Features, Image
+
+    raw = fx.grid_label([0, 1, 59, 255], 6, 6)  # Context ids: 0 background, 1..59, 255 ignore
+    rows = {"image": [fx.rgb(6, 6, seed=2)], "label": [raw]}
+    Dataset.from_dict(rows, features=Features({"image": Image(), "label": Image()})).to_parquet(
+        str(tmp_path / "c.parquet")
+    )
+    source = f"parquet:{tmp_path}/c.parquet"
+    for background, n_class, zero in ((False, 59, -1), (True, 60, 0)):
+        ds = get_dataset("pascal_context59", source=source, resolution=6, background=background)
+        assert ds.n_class == n_class and (ds.class_names[0] == "background") == background
+        label = ds[0]["label"].numpy()
+        assert (label[raw == 0] == zero).all() and (label[raw == 255] == -1).all()
+        assert (label[raw == 59] == 59 - (not background)).all()

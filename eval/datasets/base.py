@@ -209,13 +209,19 @@ class SegmentationFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> dict:
-        """The item, raising :class:`DataFileError` for a bad pair whatever ``on_error`` says."""
+    def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str, str, str]:
+        """Decoded image ``(H, W, 3)`` uint8, raw label ids ``(H, W)``, the names errors give
+        them, and the item's id. Subclasses that read pairs elsewhere override this alone."""
         s = self.samples[index]
         image, raw = read_image(s.image), read_label(s.label)
-        label = map_label(raw, image, self.lut, self.name, f"image {s.image}", f"label {s.label}")
+        return image, raw, f"image {s.image}", f"label {s.label}", s.id
+
+    def load(self, index: int) -> dict:
+        """The item, raising :class:`DataFileError` for a bad pair whatever ``on_error`` says."""
+        image, raw, image_name, label_name, item_id = self.read_pair(index)
+        label = map_label(raw, image, self.lut, self.name, image_name, label_name)
         img, lab = preprocess(image, label, self.resolution, self.antialias, self.keep_size)
-        return {"image": img, "label": lab, "id": s.id}
+        return {"image": img, "label": lab, "id": item_id}
 
     def __getitem__(self, index: int) -> dict | None:
         if self.on_error == "raise":

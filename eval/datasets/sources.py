@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import glob
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,32 +27,32 @@ import numpy as np
 from PIL import Image
 
 from eval.datasets.ade20k import lut as ade20k_lut
-from eval.datasets.base import DataFileError, SegmentationFiles, map_label, preprocess
+from eval.datasets.base import DataFileError, SegmentationFiles
 from eval.datasets.cityscapes import lut as cityscapes_lut
 from eval.datasets.classes import (
     ADE20K_CLASSES,
     CITYSCAPES27_CLASSES,
     COCO_OBJECT_CLASSES,
     COCO_STUFF27_CLASSES,
-    PASCAL_CONTEXT59_CLASSES,
     VOC_CLASSES,
 )
 from eval.datasets.coco import object81_lut, stuff27_lut
-from eval.datasets.voc import context_lut, voc_lut
+from eval.datasets.voc import context_labels, voc_lut
 
 if TYPE_CHECKING:
     import datasets
 
 KINDS = ("parquet", "hf")
 DEFAULT_COLUMNS = {"image": "image", "label": "label", "id": "id"}
-# name -> (label lookup table of the original encoding, class names)
-LABEL_MAPS: dict[str, tuple[Callable[[], np.ndarray], list[str]]] = {
-    "coco_stuff27": (stuff27_lut, COCO_STUFF27_CLASSES),
-    "coco_object": (object81_lut, COCO_OBJECT_CLASSES),
-    "cityscapes": (cityscapes_lut, CITYSCAPES27_CLASSES),
-    "ade20k": (ade20k_lut, ADE20K_CLASSES),
-    "voc": (voc_lut, VOC_CLASSES),
-    "pascal_context59": (context_lut, PASCAL_CONTEXT59_CLASSES),
+# name -> (dataset options) -> (label lookup table of the original encoding, class names), as
+# the loader of the files builds them.
+LABEL_MAPS: dict[str, Callable[..., tuple[np.ndarray, Sequence[str]]]] = {
+    "coco_stuff27": lambda: (stuff27_lut(), COCO_STUFF27_CLASSES),
+    "coco_object": lambda: (object81_lut(), COCO_OBJECT_CLASSES),
+    "cityscapes": lambda: (cityscapes_lut(), CITYSCAPES27_CLASSES),
+    "ade20k": lambda: (ade20k_lut(), ADE20K_CLASSES),
+    "voc": lambda: (voc_lut(), VOC_CLASSES),
+    "pascal_context59": context_labels,
 }
 # Split names of the loaders -> the names hub copies usually use.
 SPLIT_ALIASES = {"val": ("validation", "val"), "curated": ("validation", "val")}
@@ -137,9 +137,15 @@ class TableSegmentation(SegmentationFiles):
     """
 
     def __init__(
-        self, name: str, table: datasets.Dataset, source: str, columns: Mapping[str, str], **kwargs
+        self,
+        name: str,
+        table: datasets.Dataset,
+        source: str,
+        columns: Mapping[str, str],
+        label_options: Mapping[str, Any] | None = None,
+        **kwargs,
     ):
-        lut, classes = LABEL_MAPS[name]
+        lut, classes = LABEL_MAPS[name](**(label_options or {}))
         missing = [c for k, c in columns.items() if k != "id" and c not in table.column_names]
         if missing:
             raise ValueError(
@@ -152,25 +158,18 @@ class TableSegmentation(SegmentationFiles):
             if columns.get("id") in table.column_names
             else [f"{i:06d}" for i in range(len(table))]
         )
-        super().__init__(name, [], lut(), classes, **kwargs)
+        super().__init__(name, [], lut, classes, **kwargs)
         self.ids = ids
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """Decoded image ``(H, W, 3)`` uint8, raw label ids ``(H, W)`` and where they came from."""
+    def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str, str, str]:
         row = self.table[index]
         where = f"{self.source} row {index} (id {self.ids[index]})"
         image = _array(row[self.columns["image"]], f"image of {where}", label=False)
         raw = _array(row[self.columns["label"]], f"label of {where}", label=True)
-        return image, raw, where
-
-    def load(self, index: int) -> dict:
-        image, raw, where = self.read_pair(index)
-        label = map_label(raw, image, self.lut, self.name, f"image of {where}", f"label of {where}")
-        img, lab = preprocess(image, label, self.resolution, self.antialias, self.keep_size)
-        return {"image": img, "label": lab, "id": self.ids[index]}
+        return image, raw, f"image of {where}", f"label of {where}", self.ids[index]
 
 
 def from_source(
@@ -191,12 +190,16 @@ def from_source(
     unknown = sorted(set(columns or {}) - set(DEFAULT_COLUMNS))
     if unknown:
         raise ValueError(f"dataset.columns: unknown keys {unknown}; use {list(DEFAULT_COLUMNS)}")
+    from eval.datasets import DATASET_OPTIONS  # the package imports this module lazily
+
+    label_options = {k: options.pop(k) for k in DATASET_OPTIONS.get(name, ()) if k in options}
     table = load_table(source, split, cache_dir)
     return TableSegmentation(
         name,
         table,
         source,
         {**DEFAULT_COLUMNS, **(columns or {})},
+        label_options,
         resolution=resolution,
         **options,
     )

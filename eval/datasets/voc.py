@@ -46,6 +46,12 @@ def context_lut(background: bool = False) -> np.ndarray:
     return label_lut({v: v - 1 for v in range(1, 60)}, ignore=[0, 255])
 
 
+def context_labels(background: bool = False) -> tuple[np.ndarray, Sequence[str]]:
+    """Pascal Context's lookup table and class names, 59 classes or 60 with ``background``."""
+    classes = ["background", *PASCAL_CONTEXT59_CLASSES] if background else PASCAL_CONTEXT59_CLASSES
+    return context_lut(background), classes
+
+
 def _id_list_dataset(
     name: str,
     base: Path,
@@ -127,8 +133,7 @@ def pascal_context59(
         "SegmentationClassContext",
         "ImageSets/SegmentationContext/{split}.txt",
         CONTEXT_LAYOUT,
-        context_lut(background),
-        ["background", *PASCAL_CONTEXT59_CLASSES] if background else PASCAL_CONTEXT59_CLASSES,
+        *context_labels(background),
         CONTEXT_SIZES,
         split,
         on_error,
