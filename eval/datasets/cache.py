@@ -318,5 +318,6 @@ def cached(
             if stored is not None:
                 echo(f"{name}: cache {path} is stale ({stale_reason(stored, fp)}); rebuilding")
             build(dataset, path, fp, resolution, dtype, echo=echo)
-    table = datasets.load_from_disk(str(path / "data"))
+        # Inside the lock: another process may be rebuilding this folder otherwise.
+        table = datasets.load_from_disk(str(path / "data"))
     return CachedDataset(table, dataset.class_names, name, on_error, fp["skipped"])
