@@ -86,7 +86,7 @@ def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]
     from omegaconf import OmegaConf
 
     from eval import visualize
-    from eval.datasets.base import center_crop, read_image, resize_image
+    from eval.datasets.base import preprocess_image, read_image
     from eval.run import resolve_device, seed_everything
     from eval.segmenters import GT, segment_batch, segmenter_call
 
@@ -105,8 +105,7 @@ def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]
 
     results, used = [], set()
     for path in images:
-        rgb = torch.from_numpy(read_image(path)).permute(2, 0, 1).float() / 255.0
-        image = resize_image(center_crop(rgb), cfg.resolution).clamp_(0.0, 1.0)
+        image = preprocess_image(read_image(path), cfg.resolution)
         name = path.stem
         while name in used:  # same file name in two folders
             name += "_"
@@ -117,8 +116,10 @@ def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]
             visualize.to_uint8_image(image), labels, out_dir / f"{name}_segments.png"
         )
         n = int(torch.unique(labels).numel())
-        segments = f"{n} segment" + "s" * (n != 1)
-        print(f"{path}: {segments} -> {name}_labels.png ({depth} grey), {name}_segments.png")
+        print(
+            f"{path}: {visualize.segments_text(n)} -> {name}_labels.png ({depth} grey), "
+            f"{name}_segments.png"
+        )
         results.append((path, n))
     print(f"Outputs in {out_dir}")
     return results

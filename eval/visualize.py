@@ -81,7 +81,8 @@ def overlay(
     return out
 
 
-def _plural(n: int) -> str:
+def segments_text(n: int) -> str:
+    """``"1 segment"``, ``"3 segments"``."""
     return f"{n} segment" + ("" if n == 1 else "s")
 
 
@@ -126,7 +127,7 @@ def save_comparison(
         [
             ("image", rgb),
             ("ground truth", truth),
-            (f"prediction ({_plural(n_seg)})", overlay(rgb, pred)),
+            (f"prediction ({segments_text(n_seg)})", overlay(rgb, pred)),
         ],
         title,
     )
@@ -138,7 +139,7 @@ def save_segmentation(
 ) -> None:
     """Write ``image | overlay with boundaries`` to ``path`` (PNG); ``image`` is ``(H, W, 3)`` uint8."""
     n_seg = len(np.unique(_numpy(labels)))
-    fig = _panels([("image", image), (_plural(n_seg), overlay(image, labels))], None)
+    fig = _panels([("image", image), (segments_text(n_seg), overlay(image, labels))], None)
     _save(fig, Path(path))
 
 

@@ -93,12 +93,23 @@ def preprocess(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``(H, W, 3)`` image and int64 ``(H, W)`` label -> float ``(3, R, R)`` in [0, 1] and
     int64 ``(R, R)`` (or the original ``H, W`` with ``keep_size``)."""
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
     lab = torch.from_numpy(label)
     if keep_size:
-        return img, lab
-    img, lab = center_crop(img), center_crop(lab)
-    return resize_image(img, resolution, antialias).clamp_(0.0, 1.0), resize_label(lab, resolution)
+        return _channels_first(image).float() / 255.0, lab
+    return preprocess_image(image, resolution, antialias), resize_label(
+        center_crop(lab), resolution
+    )
+
+
+def _channels_first(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def preprocess_image(image: np.ndarray, resolution: int, antialias: bool = False) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> float ``(3, R, R)`` in [0, 1]: centre square, then bilinear resize.
+    The crop comes first, on the uint8 pixels, so only the kept ones are converted to float."""
+    square = center_crop(_channels_first(image)).float() / 255.0
+    return resize_image(square, resolution, antialias).clamp_(0.0, 1.0)
 
 
 def map_label(
