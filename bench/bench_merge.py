@@ -2,7 +2,7 @@
 
 One (1, 64, 64, 64, 64) aggregated map built from peaked synthetic attention at 4 resolutions,
 16x16 anchors, 3 merging iterations. Each method runs in a fresh subprocess that loads the saved
-input, so its peak resident memory (`ru_maxrss`: the whole process, Python and torch included) is
+input, so its peak resident memory (`VmHWM`: the whole process, Python and torch included) is
 its own; on CUDA the peak is `torch.cuda.max_memory_allocated`. Labels are compared exactly.
 A last table gives the share of pixels labelled as from float32 when the attention is rounded to
 float16 or bfloat16 before aggregating (as the attention cache stores it) or its scores are
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,14 @@ from diffseg.reference import realistic_attention, reference_segment
 
 THRESHOLDS = (1.1, 1.1, 1.1)
 FLIP_THRESHOLDS = (0.5, 0.9, 1.1, 1.5)
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. Not `ru_maxrss`: in a child of `subprocess` it
+    reports the parent's high-water mark when that is higher; `VmHWM` is the child's own."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 1024
 
 
 def _child(method: str, path: str, device: str, ref_dtype: str, repeat: int) -> None:
@@ -50,10 +56,8 @@ def _child(method: str, path: str, device: str, ref_dtype: str, repeat: int) -> 
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cuda = device == "cuda"
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
     torch.save(labels.cpu(), f"{path}.{method}.labels")
     print(json.dumps({"seconds": sorted(times)[len(times) // 2], "peak_mib": peak_mib}))
 
@@ -63,17 +67,6 @@ def _run(method: str, path: str, args: argparse.Namespace, repeat: int) -> dict:
     cmd += ["--device", args.device, "--ref-dtype", args.ref_dtype, "--repeat", str(repeat)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _cpu_name() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -88,6 +81,8 @@ def main() -> None:
     if args.child:
         _child(args.child, args.input, args.device, args.ref_dtype, args.repeat)
         return
+    # Here, not at the top: the children's peak memory must not include diffusers' import.
+    from bench_pipeline import machine
 
     aggregated = aggregate_attention(realistic_attention(batch=1, size=64, seed=args.seed))
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,10 +106,8 @@ def main() -> None:
         t: int(((kl[torch.float32] < t) != (kl[torch.float64] < t)).sum()) for t in FLIP_THRESHOLDS
     }
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    threads = torch.get_num_threads()
     same = torch.equal(fast_labels, ref_labels)
-    print(f"device: {args.device} ({device}), torch {torch.__version__}, {threads} threads")
+    print(f"device: {args.device} ({machine(torch.device(args.device))})")
     print("input: 1 x 64^4 aggregated attention, 16x16 anchors, kl_threshold (1.1, 1.1, 1.1)")
     print()
     print("| method | time (s) | peak memory (MiB) | speed-up | labels identical | segments |")
