@@ -45,7 +45,7 @@ from diffseg.models import (
     sd14_unet_config,
     sd14_vae_config,
 )
-from diffseg.pipeline import DiffSegPipeline, _resolve_dtype
+from diffseg.pipeline import DiffSegPipeline, resolve_dtype
 
 STAGES = ("vae", "unet_plain", "unet_capture", "aggregate", "merge")
 T = TypeVar("T")
@@ -300,7 +300,7 @@ def main() -> None:
             *compile_rows,
         ]
     if args.compare_capture:
-        dtype = _resolve_dtype(args.dtype, device)
+        dtype = resolve_dtype(args.dtype, device)
         lines += ["", "Capture variants, one SD 1.4 layer at 64x64 (batch 1):", ""]
         lines += compare_capture(device, dtype, repeats=3)
     report("\n".join(lines), f"Pipeline ({args.device})", args.append)

@@ -76,7 +76,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """fp32 on CPU, fp16 on CUDA unless `dtype` says otherwise ("float16", "bf16", torch.float32...)."""
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -157,7 +157,7 @@ class DiffSegPipeline:
                 "give text_encoder and tokenizer, or prompt_embeds (the empty-prompt embedding)"
             )
         self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.unet = _prepare(unet, self.device, self.dtype)
         self.vae = _prepare(vae, self.device, self.dtype)
         self.text_encoder = None
@@ -177,9 +177,15 @@ class DiffSegPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_tiny(cls, seed: int = 0, device: str | torch.device | None = None) -> DiffSegPipeline:
-        """The SD-shaped tiny model with seeded random weights (no download); float32 everywhere."""
-        return cls(**build_tiny(seed), device=device, dtype=torch.float32)
+    def from_tiny(
+        cls,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = torch.float32,
+    ) -> DiffSegPipeline:
+        """The SD-shaped tiny model with seeded random weights (no download); float32 unless
+        ``dtype`` says otherwise (None: as :func:`resolve_dtype`)."""
+        return cls(**build_tiny(seed), device=device, dtype=dtype)
 
     @classmethod
     def from_pretrained(
@@ -196,7 +202,7 @@ class DiffSegPipeline:
         """
         model = str(model)
         device_ = _resolve_device(device)
-        dtype_ = _resolve_dtype(dtype, device_)
+        dtype_ = resolve_dtype(dtype, device_)
         path = Path(model).expanduser()
         if path.is_dir():
             return cls._from_local_dir(path, dtype_, device_)

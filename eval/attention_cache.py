@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from diffseg.pipeline import DiffSegPipeline
-from eval.logging import atomic_open
+from eval.atomic import atomic_open
 
 CACHE_VERSION = 1
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

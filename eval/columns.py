@@ -1,12 +1,14 @@
-"""The columns of the run outputs: one place for the writer (`eval.run`) and the reader
-(`eval.tables`), kept free of torch so that the tables load fast."""
+"""The columns of the run outputs: one place for the writer (`eval.run`) and the readers
+(`eval.tables`, `eval.ledger`), kept free of torch so that the tables load fast."""
 
 from __future__ import annotations
 
-# How a run was made, besides its dataset: what tells sweep points and table rows apart.
+# How a run was made, besides its dataset: what tells sweep points apart. The full record of each
+# group's parameters is in the *_settings columns (JSON).
 SETTING_COLUMNS = (
     "protocol",
     "model",
+    "dtype",
     "segmenter",
     "timestep",
     "kl_threshold",
@@ -15,23 +17,36 @@ SETTING_COLUMNS = (
     "weights",
     "resolution",
 )
-# results.csv and the ledger; the order is the ledger's header, so new columns go at the end.
+# results.csv and the ledger (ledger_version 2); the order is the ledger's header.
 RESULT_COLUMNS = (
+    "ledger_version",
     "run_id",
     "timestamp",
     "experiment",
-    SETTING_COLUMNS[0],
     "dataset",
     "split",
-    *SETTING_COLUMNS[1:],
+    *SETTING_COLUMNS,
     "n_images",
     "pixel_accuracy",
     "miou",
+    "deviations",
+    "split_size",
+    "n_skipped",
+    "skipped_ids",
+    "limit",
+    "model_id",
+    "model_revision",
+    "model_hash",
+    "attention_cache",
+    "protocol_settings",
+    "dataset_settings",
+    "segmenter_settings",
+    "seed",
+    "batch_size",
     "mean_segments",
     "seconds",
     "images_per_s",
     "device",
-    "seed",
     "versions",
     "git_commit",
     "run_dir",

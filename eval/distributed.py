@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from eval.logging import JsonlAppender, read_jsonl
+from eval.atomic import JsonlAppender, read_jsonl
 
 RUN_TIME_VAR = "DIFFSEG_RUN_TIME"
 # Must match the pattern of `${now:...}` in conf/config.yaml.

@@ -71,6 +71,7 @@ class Protocol:
 
     name: str = "diffseg"
     resolution: int | None = None
+    model_resolution: int | None = None
     crop: str = "dataset"
     score_resolution: int | None = None
     background: Mapping[str, str] = field(default_factory=dict)
@@ -84,7 +85,7 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
             raise ValueError(f"protocol.crop must be one of {CROPS}, got {self.crop!r}")
-        for key in ("resolution", "score_resolution"):
+        for key in ("resolution", "model_resolution", "score_resolution"):
             value = getattr(self, key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -94,6 +95,16 @@ class Protocol:
             raise ValueError(
                 f"protocol.crop={self.crop} needs protocol.resolution (the model input side)"
             )
+        if self.model_resolution is not None and self.crop == "dataset":
+            raise ValueError(
+                "protocol.model_resolution needs a protocol that crops for itself "
+                "(crop=min_minus_one); with crop=dataset set dataset.resolution instead"
+            )
+
+    @property
+    def input_resolution(self) -> int | None:
+        """The side of the images the model sees (None: the dataset's)."""
+        return self.model_resolution or self.resolution
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Protocol:
@@ -203,7 +214,9 @@ class ProtocolData(Dataset):
         p = self.protocol
         if p.crop == "min_minus_one":
             image, label = crop_min_minus_one(image), crop_min_minus_one(label)
-            image = resize_image(image, p.resolution).clamp_(0.0, 1.0)
+            # model_resolution: the model sees its own side, the labels keep the protocol's
+            # sampling (prediction and label sample the same relative pixels when scored).
+            image = resize_image(image, p.input_resolution).clamp_(0.0, 1.0)
             label = resize_label(label, p.resolution)
         if p.compat:
             label = compat_label(label, self.dataset_name, self.dataset.n_class)
@@ -351,17 +364,3 @@ def check_resolution_pair(protocol: Protocol, input_resolution: int) -> None:
             f"protocol.score_resolution={s} exceeds the model input {input_resolution}; lower "
             "protocol.score_resolution or raise protocol.resolution"
         )
-
-
-def ledger_name(name: str, overrides: Sequence[str]) -> str:
-    """The ledger's ``protocol`` column: the protocol's name, plus its command-line overrides.
-
-    ``diffcut`` with ``protocol.compat=true`` becomes ``diffcut[compat=true]``, so the tables (which
-    select ``diffcut`` exactly) never mistake a variant for the published protocol.
-    """
-    changed = sorted(
-        o.lstrip("+~").removeprefix("protocol.")
-        for o in overrides
-        if o.lstrip("+~").startswith("protocol.")
-    )
-    return f"{name}[{','.join(changed)}]" if changed else name

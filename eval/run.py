@@ -10,12 +10,11 @@ settings that decide the numbers; resuming with different ones is refused.
 
 from __future__ import annotations
 
-import importlib.metadata
+import json
 import math
-import platform
+import os
 import random
 import re
-import subprocess
 import time
 import uuid
 import warnings
@@ -32,16 +31,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from eval import attention_cache, distributed, visualize
-from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
-from eval.logging import (
+from eval import attention_cache, distributed, paper, record, visualize
+from eval import ledger as ledger_io
+from eval.atomic import (
     JsonlAppender,
-    append_ledger,
     read_json_or_none,
     write_csv_atomic,
     write_json_atomic,
     write_text_atomic,
 )
+from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.matching import match_per_image
 from eval.metrics import HungarianIoU, scores_from_counts
 from eval.protocol import (
@@ -50,7 +49,6 @@ from eval.protocol import (
     Scoring,
     check_resolution_pair,
     dataset_options,
-    ledger_name,
 )
 from eval.protocol import scoring as protocol_scoring
 from eval.segmenters import segment_batch, segmenter_call
@@ -60,7 +58,6 @@ from eval.segmenters import segment_batch, segmenter_call
 # do not change the labels.)
 PINNED_KEYS = ("protocol", "seed", "limit", "model", "segmenter")
 UNPINNED_DATASET_KEYS = ("root", "sources", "manual_steps")
-VERSION_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "scipy")
 
 
 class RunError(RuntimeError):
@@ -124,37 +121,20 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
 
 
-def versions() -> str:
-    """``python=...;torch=...;...`` (and the CUDA build when there is one)."""
-    parts = [f"python={platform.python_version()}"]
-    for name in VERSION_PACKAGES:
-        try:
-            parts.append(f"{name}={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{name}=missing")
-    if torch.version.cuda:
-        parts.append(f"cuda={torch.version.cuda}")
-    return ";".join(parts)
-
-
-def git_commit() -> str:
-    """The checkout's commit, with ``-dirty`` when tracked files changed; ``unknown`` outside git."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
-        )
-        if out.returncode != 0:
-            raise OSError(out.stderr)
-        return out.stdout.strip()
-
+def check_writable(run_dir: Path, ledger: Path) -> None:
+    """Before any data or model is touched: the run folder and the ledger can be written (a run
+    that finds out at its end has lost its compute)."""
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(
+            f"cannot write the run folder {run_dir} ({e.strerror or e}); make it writable or "
+            "choose another with hydra.run.dir=PATH"
+        ) from e
+    ledger_io.check_writable(ledger)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,6 +252,17 @@ class Outputs:
 def print_summary(out: Outputs, save_predictions: bool) -> None:
     """The results table and where everything is."""
     print("\n" + results_table(out.results, out.n_skipped))
+    if out.n_skipped:
+        ids = json.loads(out.results["skipped_ids"])
+        shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+        print(f"Skipped (dataset.on_error=skip): {shown}")
+    deviations = out.results["deviations"]
+    if deviations.startswith(paper.NO_CELL):
+        print(f"Published cell: none ({deviations})")
+    elif deviations:
+        print(f"Not comparable with the published cell: {deviations}")
+    else:
+        print("Comparable with the published cell (no deviation from its setting)")
     print(f"\nRun directory: {out.run_dir}")
     print(
         "  tables:      results.csv, per_class.csv, per_image.csv (per-image log: per_image.jsonl)"
@@ -295,6 +286,12 @@ def _scores(metric: HungarianIoU) -> dict[str, torch.Tensor]:
 def _running(metric: HungarianIoU) -> dict[str, float]:
     scores = _scores(metric)
     return {"pixel_accuracy": float(scores["pixel_accuracy"]), "miou": float(scores["miou"])}
+
+
+def _item_id(dataset: Dataset, index: int) -> str:
+    """The id of a skipped item, which never reached the main process (``#index`` if unknown)."""
+    item_id = getattr(dataset, "item_id", None)
+    return item_id(index) if item_id is not None else f"#{index}"
 
 
 def _safe_name(index: int, image_id: str) -> str:
@@ -411,7 +408,9 @@ def _loop(
         start = time.perf_counter()
         for batch in loader:
             _restore_images(batch)
-            new = [{"index": i, "skipped": True} for i in batch["skipped"]]
+            new = [
+                {"index": i, "skipped": True, "id": _item_id(dataset, i)} for i in batch["skipped"]
+            ]
             if batch["items"]:
                 preds = _predict(
                     pipeline, batch["items"], device, call, cfg.batch_size, batch["images"]
@@ -479,45 +478,38 @@ def _finish(
     run_id: str,
     device: torch.device,
     logger: Any,
-    names: Mapping[str, str],
+    settings: Mapping[str, Any],
 ) -> Outputs:
     run_dir = Path(cfg.paths.output_dir)
     scored = [records[i] for i in sorted(records) if not records[i].get("skipped")]
-    n_skipped = len(records) - len(scored)
+    skipped_ids = [
+        *getattr(dataset, "skipped_ids", []),
+        *(records[i]["id"] for i in sorted(records) if records[i].get("skipped")),
+    ]
     if not scored:
-        raise RunError(f"every one of the {n_skipped} images was skipped (dataset.on_error=skip)")
+        raise RunError(
+            f"every one of the {len(skipped_ids)} images was skipped (dataset.on_error=skip)"
+        )
     final = _scores(metric)
     seconds = float(sum(r["seconds"] for r in scored))
-    seg = cfg.segmenter
     row = {
         "run_id": run_id,
         "timestamp": _now(),
-        "experiment": cfg.experiment or names.get("experiment") or "",
-        "protocol": names["protocol"],
-        "dataset": cfg.dataset.name,
-        "split": cfg.dataset.get("split") or "",
-        "model": names["model"],
-        "segmenter": seg.name,
-        "timestep": seg.get("timestep", ""),
-        "kl_threshold": ",".join(str(t) for t in seg.kl_threshold) if "kl_threshold" in seg else "",
-        "num_points": seg.get("num_points", ""),
-        "refine": seg.get("refine", ""),
-        "weights": "proportional"
-        if seg.get("weights") is None
-        else ",".join(map(str, seg.weights)),
-        "resolution": names["resolution"],
+        **settings,
         "n_images": len(scored),
+        "n_skipped": len(skipped_ids),
+        "skipped_ids": skipped_ids,
         "pixel_accuracy": float(final["pixel_accuracy"]),
         "miou": float(final["miou"]),
         "mean_segments": float(np.mean([r["segments"] for r in scored])),
         "seconds": round(seconds, 3),
         "images_per_s": round(len(scored) / seconds, 4) if seconds > 0 else float("nan"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "seed": cfg.seed,
-        "versions": versions(),
-        "git_commit": git_commit(),
+        "versions": record.versions(),
+        "git_commit": record.git_commit(),
         "run_dir": str(run_dir.resolve()),
     }
+    row["deviations"] = "; ".join(paper.deviations({**row, "ledger_version": 2}))
     per_class = [
         {"class": name, "iou": float(iou), "tp": int(tp), "fp": int(fp), "fn": int(fn)}
         for name, iou, tp, fp, fn in zip(
@@ -536,10 +528,24 @@ def _finish(
     visualize.plot_class_iou(
         dataset.class_names, final["per_class_iou"].tolist(), run_dir / "per_class_iou.png", title
     )
-    write_csv_atomic(run_dir / "results.csv", [row], RESULT_COLUMNS)
+    encoded = ledger_io.encode_row(row)
+    write_csv_atomic(run_dir / "results.csv", [encoded], RESULT_COLUMNS)
     pictures = sorted((run_dir / "qualitative").glob("*.png"))
-    logger.log_final({**row, "n_skipped": n_skipped}, per_class, pictures)
-    return Outputs(run_dir, row, Path(cfg.paths.ledger), False, n_skipped, len(pictures))
+    logger.log_final(row, per_class, pictures)
+    return Outputs(run_dir, encoded, Path(cfg.paths.ledger), False, len(skipped_ids), len(pictures))
+
+
+def append_to_ledger(outputs: Outputs) -> None:
+    """Append the run's row; when that fails the row stays in the run folder's results.csv and
+    the error says the one command that appends it later."""
+    try:
+        outputs.ledger_added = ledger_io.append(outputs.ledger, outputs.results)
+    except (OSError, ledger_io.LedgerError) as e:
+        raise RunError(
+            f"the run finished, but its row could not be appended to the ledger {outputs.ledger} "
+            f"({e}). Its results are kept in {outputs.run_dir / 'results.csv'}; once the ledger "
+            f"is fixed, append them with: {ledger_io.append_command(outputs.run_dir, outputs.ledger)}"
+        ) from e
 
 
 def evaluate(cfg: DictConfig) -> Outputs | None:
@@ -558,7 +564,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
 
     _check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir, Path(cfg.paths.ledger))
     rank = distributed.current()
     device = distributed.device_for(resolve_device(cfg.device), rank)
     seed_everything(cfg.seed)
@@ -589,17 +595,21 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     if not rank.is_main:
         records = {}  # rank 0 holds (and scores) the finished images; this rank only its new ones
 
-    resolution = protocol.resolution or cfg.dataset.get("resolution") or 512
+    resolution = protocol.input_resolution or cfg.dataset.get("resolution") or 512
     check_resolution_pair(protocol, resolution)
     segmenter = OmegaConf.to_container(cfg.segmenter, resolve=True)
     call = segmenter_call(segmenter, resolution, cfg.seed)
     choices = HydraConfig.get().runtime.choices
-    names = {
-        "model": choices.get("model") or "custom",
-        "experiment": choices.get("experiment") or "",
-        "resolution": resolution,
-        "protocol": ledger_name(protocol.name, HydraConfig.get().overrides.task),
-    }
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["experiment"] = cfg.experiment or choices.get("experiment") or ""
+    settings = record.settings(
+        resolved,
+        choices.get("model") or "custom",
+        protocol,
+        resolution,
+        device,
+        getattr(dataset, "split_size", None),
+    )
     pipeline = hydra.utils.instantiate(cfg.model, device=device) if todo else None
     if pipeline is not None and cfg.get("compile"):
         pipeline.compile_unet()
@@ -615,13 +625,12 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
         if not records[index].get("skipped"):
             metric.update(counts=records[index])
 
-    config = OmegaConf.to_container(cfg, resolve=True)
     # Not recursive: the config holds `_target_` keys of its own (model, logger).
     logger = (
         hydra.utils.instantiate(
             cfg.logger,
             run_dir=run_dir,
-            run_config=config,
+            run_config=resolved,
             run_id=run_id,
             _recursive_=False,
             _convert_="all",
@@ -644,12 +653,12 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
                 return None
             records.update({r["index"]: r for r in others})
             distributed.merge_rank_files(run_dir, list(records.values()))
-        outputs = _finish(cfg, dataset, records, metric, run_id, device, logger, names)
+        outputs = _finish(cfg, dataset, records, metric, run_id, device, logger, settings)
     except BaseException:
         logger.finish(exit_code=1)
         raise
     logger.finish()
     # Last, so that a run failing anywhere before leaves no row.
-    outputs.ledger_added = append_ledger(outputs.ledger, outputs.results)
+    append_to_ledger(outputs)
     print_summary(outputs, cfg.save_predictions)
     return outputs

@@ -1,11 +1,14 @@
 """Paper tables and sweep plots from the run ledger: ``python -m eval.tables``.
 
-Each table puts our numbers (the ledger, fractions shown as percentages) beside the published ones
-(``eval/published.csv``, one number per line with its paper and table) with a delta column, and is
-written as Markdown, a LaTeX ``booktabs`` tabular fragment and a tidy CSV (one line per cell, full
-precision, with the ledger ``run_id`` behind each of our numbers). A cell we have no run for says
-``missing``; it is never filled in. When several ledger rows match a cell, the most recent one (by
-``timestamp``, then by position in the ledger) is used.
+Each table (``eval.paper``) puts our numbers beside the published ones (``eval/published.csv``, one
+number per line with its paper and table), fractions shown as percentages, with a delta column. A
+cell is filled only by a *comparable* run: a ledger row with no deviations from the cell's published
+setting (``eval.paper.deviations``); the most recent one (by ``timestamp``, then by position in the
+ledger) when there are several. Other runs of the same method and dataset are listed under the table
+with their deviations, never in a cell; ``--explain`` says for every ledger row which cell it fills
+or why none. A cell with no comparable run says ``not run``. Written as Markdown, a LaTeX
+``booktabs`` tabular fragment and a tidy CSV (one line per cell, full precision, with the ledger
+``run_id`` behind each of our numbers), and printed.
 
 ``python -m eval.tables --sweep kl_threshold`` instead plots mIoU and pixel accuracy against the
 swept parameter, one figure per ledger ``experiment`` that varies it, one curve per dataset.
@@ -14,17 +17,21 @@ swept parameter, one figure per ledger ``experiment`` that varies it, one curve 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from eval import ledger as ledger_io
+from eval import paper
+from eval.atomic import atomic_open, write_text_atomic
 from eval.columns import SETTING_COLUMNS
-from eval.logging import atomic_open, write_text_atomic
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 METRICS = {"pixel_accuracy": "Acc", "miou": "mIoU"}
@@ -38,108 +45,18 @@ DATASET_NAMES = {
     "synthetic": "Synthetic",
 }
 NOT_PUBLISHED = "—"
+NOT_RUN = "not run"
 _TEXT_COLUMNS = {"Method", "Dataset", "Source"}  # left-aligned; the others hold numbers
-MISSING = "missing"
-
-
-@dataclass(frozen=True)
-class Row:
-    """A method's line in a table.
-
-    ``ours``: the ledger columns and values our run must have (``None`` means the method is only
-    quoted from the literature); ``ours_per_dataset`` adds per-dataset requirements.
-    """
-
-    method: str
-    ours: dict[str, object] | None = None
-    ours_per_dataset: dict[str, dict[str, object]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    name: str
-    title: str
-    datasets: tuple[str, ...]
-    metrics: tuple[str, ...]
-    rows: tuple[Row, ...]
-
-
-_PAPER_SETTING = {
-    "protocol": "diffseg",
-    "model": "sd14",
-    "resolution": 512,
-    "timestep": 300,
-}
-_BASELINES = ("IIC", "MDC", "PiCIE", "STEGO", "HP", "ReCo", "MaskCLIP")
-_DIFFCUT_DATASETS = (
-    "voc",
-    "pascal_context59",
-    "coco_object",
-    "coco_stuff27",
-    "cityscapes",
-    "ade20k",
-)
-
-TABLES = {
-    "table1": TableSpec(
-        name="table1",
-        title="DiffSeg Table 1: unsupervised zero-shot segmentation (protocol=diffseg)",
-        datasets=("coco_stuff27", "cityscapes"),
-        metrics=("pixel_accuracy", "miou"),
-        rows=(
-            *(Row(m) for m in _BASELINES),
-            Row("K-Means-C", {**_PAPER_SETTING, "segmenter": "kmeans_c"}),
-            Row("K-Means-S", {**_PAPER_SETTING, "segmenter": "kmeans_s"}),
-            Row(
-                "DiffSeg",
-                {
-                    **_PAPER_SETTING,
-                    "segmenter": "diffseg",
-                    "num_points": 16,
-                    "refine": False,
-                    "weights": None,
-                },
-                {
-                    "coco_stuff27": {"kl_threshold": (1.1, 1.1, 1.1)},
-                    "cityscapes": {"kl_threshold": (0.9, 0.9, 0.9)},
-                },
-            ),
-        ),
-    ),
-    "diffcut": TableSpec(
-        name="diffcut",
-        title="DiffSeg re-evaluated under the DiffCut protocol (protocol=diffcut), mIoU",
-        datasets=_DIFFCUT_DATASETS,
-        metrics=("miou",),
-        rows=(
-            Row(
-                "DiffSeg",
-                {
-                    "protocol": "diffcut",
-                    "model": "sd14",
-                    "segmenter": "diffseg",
-                    "kl_threshold": (1.0, 1.0, 1.0),
-                },
-            ),
-            Row("DiffCut"),
-        ),
-    ),
-}
 
 
 # --------------------------------------------------------------------------------------------
 # Reading
 
 
-def read_ledger(path: str | os.PathLike) -> pd.DataFrame:
-    """The ledger as strings (empty string for empty cells), in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ledger {str(path)!r} not found; every `python -m eval ...` run appends its row to "
-            "outputs/ledger.csv, or pass --ledger PATH"
-        )
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The ledger's rows, JSON columns decoded, in file order; none for a missing or empty file.
+    A malformed line raises :class:`eval.ledger.LedgerError` naming the file and the line."""
+    return [ledger_io.parse_row(r) for r in ledger_io.read_rows(path)]
 
 
 def read_published(path: str | os.PathLike = PUBLISHED_CSV) -> pd.DataFrame:
@@ -147,66 +64,27 @@ def read_published(path: str | os.PathLike = PUBLISHED_CSV) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"value": float})
 
 
-def _require_columns(ledger: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    absent = sorted(set(columns) - set(ledger.columns))
-    if absent:
-        raise ValueError(
-            f"the ledger lacks column(s) {absent} needed for {what}; it has {list(ledger.columns)}"
-        )
-
-
-def _parse_floats(text: str) -> tuple[float, ...] | None:
-    parts = [p for p in re.split(r"[\s,\[\]()]+", str(text)) if p]
-    try:
-        return tuple(float(p) for p in parts)
-    except ValueError:
-        return None
-
-
-def _cell_matches(value: str, expected: object) -> bool:
-    text = str(value).strip()
-    if expected is None:
-        return text.lower() in {"", "none", "null", "nan", "proportional"}
-    if isinstance(expected, bool):
-        return text.lower() in ({"true", "1"} if expected else {"false", "0"})
-    if isinstance(expected, tuple):
-        got = _parse_floats(text)
-        return (
-            got is not None
-            and len(got) == len(expected)
-            and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got, expected, strict=True))
-        )
-    if isinstance(expected, int | float):
-        got = _parse_floats(text)
-        return got is not None and len(got) == 1 and math.isclose(got[0], expected, rel_tol=1e-6)
-    return text == str(expected)
-
-
-def _by_recency(ledger: pd.DataFrame) -> pd.DataFrame:
+def _by_recency(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Oldest first: by timestamp, ties (and unparsable times, first) in file order."""
-    times = pd.to_datetime(ledger["timestamp"], errors="coerce", utc=True, format="ISO8601")
-    order = times.reset_index(drop=True).sort_values(kind="stable", na_position="first").index
-    return ledger.iloc[order]
+    times = pd.to_datetime(
+        pd.Series([r.get("timestamp", "") for r in rows], dtype=object),
+        errors="coerce",
+        utc=True,
+        format="ISO8601",
+    )
+    order = times.sort_values(kind="stable", na_position="first").index
+    return [rows[i] for i in order]
 
 
-def latest_match(ledger: pd.DataFrame, selector: dict[str, object]) -> pd.Series | None:
-    """The most recent ledger row whose columns match ``selector`` (None when none does)."""
-    _require_columns(ledger, [*selector, "timestamp"], f"selecting runs by {sorted(selector)}")
-    mask = pd.Series(True, index=ledger.index)
-    for column, expected in selector.items():
-        mask &= ledger[column].map(lambda v, e=expected: _cell_matches(v, e))
-    hits = _by_recency(ledger[mask])
-    return None if hits.empty else hits.iloc[-1]
-
-
-def _only_experiments(ledger: pd.DataFrame, experiments: Sequence[str] | None) -> pd.DataFrame:
+def _only_experiments(
+    rows: Sequence[Mapping[str, Any]], experiments: Sequence[str] | None
+) -> list[Mapping[str, Any]]:
     if not experiments:
-        return ledger
-    _require_columns(ledger, ["experiment"], "--experiment")
-    return ledger[ledger["experiment"].isin(list(experiments))]
+        return list(rows)
+    return [r for r in rows if r.get("experiment") in set(experiments)]
 
 
-def _fraction(row: pd.Series, metric: str) -> float:
+def _fraction(row: Mapping[str, Any], metric: str) -> float:
     value = float(row[metric])
     if not 0.0 <= value <= 1.0:
         raise ValueError(
@@ -216,76 +94,132 @@ def _fraction(row: pd.Series, metric: str) -> float:
     return value
 
 
+def comparable_runs(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Cell key (``eval.paper.Cell.key``) -> the most recent run without deviations."""
+    filled: dict[str, Mapping[str, Any]] = {}
+    for row in _by_recency(rows):
+        cell = paper.target(row)
+        if cell is not None and not paper.deviations(row):
+            filled[cell.key] = row
+    return filled
+
+
 # --------------------------------------------------------------------------------------------
 # Tables
 
 
-def build_table(spec: TableSpec, ledger: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
-    """Tidy table: one line per (method, dataset, metric), numbers in percent.
+def build_table(
+    table: paper.Table, rows: Sequence[Mapping[str, Any]], published: pd.DataFrame
+) -> pd.DataFrame:
+    """Tidy table: one line per (method, dataset, metric, variant), numbers in percent.
 
-    Columns: ``table, method, dataset, metric, published, ours, delta, status, n_images, run_id,
-    run_timestamp, source``; ``status`` is ``ok``, ``missing`` (no matching run) or ``not run``
-    (a method this project does not implement).
+    Columns: ``table, method, dataset, metric, variant, published, ours, delta, status, n_images,
+    run_id, run_timestamp, source``; ``status`` is ``ok``, ``not run`` (no comparable run) or
+    ``quoted`` (a method this project does not implement).
     """
-    _require_columns(
-        ledger, ["run_id", "timestamp", "dataset", "n_images", *spec.metrics], spec.name
-    )
-    quoted = published[published["table"] == spec.name]
+    filled = comparable_runs(rows)
+    quoted = published[published["table"] == table.name]
     lines = []
-    for row in spec.rows:
-        for dataset in spec.datasets:
-            run = None
-            if row.ours is not None:
-                selector = {**row.ours, **row.ours_per_dataset.get(dataset, {}), "dataset": dataset}
-                run = latest_match(ledger, selector)
-            for metric in spec.metrics:
+    for method in table.methods:
+        for dataset in table.datasets:
+            for metric in table.metrics:
                 pub = quoted[
-                    (quoted["method"] == row.method)
+                    (quoted["method"] == method.name)
                     & (quoted["dataset"] == dataset)
                     & (quoted["metric"] == metric)
                 ]
                 pub_value = float(pub["value"].iloc[0]) if len(pub) else math.nan
-                ours = 100.0 * _fraction(run, metric) if run is not None else math.nan
-                status = "not run" if row.ours is None else "ok" if run is not None else "missing"
-                lines.append(
-                    {
-                        "table": spec.name,
-                        "method": row.method,
-                        "dataset": dataset,
-                        "metric": metric,
-                        "published": pub_value,
-                        "ours": ours,
-                        "delta": ours - pub_value,
-                        "status": status,
-                        "n_images": run["n_images"] if run is not None else "",
-                        "run_id": run["run_id"] if run is not None else "",
-                        "run_timestamp": run["timestamp"] if run is not None else "",
-                        "source": pub["source"].iloc[0] if len(pub) else "",
-                    }
-                )
+                for variant in table.variants:
+                    cell = paper.Cell(table, method, dataset, variant)
+                    run = filled.get(cell.key)
+                    ours = 100.0 * _fraction(run, metric) if run is not None else math.nan
+                    status = "quoted" if method.segmenter is None else NOT_RUN
+                    lines.append(
+                        {
+                            "table": table.name,
+                            "method": method.name,
+                            "dataset": dataset,
+                            "metric": metric,
+                            "variant": variant.key,
+                            "published": pub_value,
+                            "ours": ours,
+                            "delta": ours - pub_value,
+                            "status": "ok" if run is not None else status,
+                            "n_images": run["n_images"] if run is not None else "",
+                            "run_id": run["run_id"] if run is not None else "",
+                            "run_timestamp": run["timestamp"] if run is not None else "",
+                            "source": pub["source"].iloc[0] if len(pub) else "",
+                        }
+                    )
     return pd.DataFrame(lines)
+
+
+def other_runs(table: paper.Table, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The runs that target a cell of ``table`` but deviate from its setting (never in a cell)."""
+    out = []
+    for row in rows:
+        cell = paper.target(row)
+        problems = paper.deviations(row)
+        if cell is None or cell.table is not table or not problems:
+            continue
+        scores = ", ".join(
+            f"{METRICS[m]} {100 * float(row[m]):.1f}" for m in table.metrics if row.get(m, "") != ""
+        )
+        out.append(
+            {
+                "run_id": str(row["run_id"]),
+                "method": cell.method.name,
+                "dataset": DATASET_NAMES.get(cell.dataset, cell.dataset),
+                "column": cell.variant.label,
+                "scores": scores,
+                "deviations": "; ".join(problems),
+            }
+        )
+    return out
+
+
+def explain(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """For every ledger row: the cell it fills, or why it fills none."""
+    shown = {id(r): key for key, r in comparable_runs(rows).items()}
+    lines = []
+    for row in rows:
+        cell, problems = paper.target(row), paper.deviations(row)
+        name = f"{row.get('run_id', '?')} ({row.get('timestamp', '')}):"
+        if cell is None:
+            lines.append(f"{name} fills no cell: {'; '.join(problems)}")
+        elif problems:
+            lines.append(f"{name} targets {cell.key} but is not comparable: {'; '.join(problems)}")
+        elif id(row) in shown:
+            lines.append(f"{name} fills {cell.key}")
+        else:
+            lines.append(f"{name} comparable with {cell.key}, but a more recent run fills it")
+    return lines
 
 
 def _fmt(value: float, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
-def display_table(tidy: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
-    """One line per (method, dataset); per metric: paper, ours, delta (strings, one decimal)."""
+def display_table(tidy: pd.DataFrame, table: paper.Table) -> pd.DataFrame:
+    """One line per (method, dataset); per metric: paper, ours per variant, delta of the first
+    variant (the published protocol's) -- strings, one decimal."""
     out = []
     for (method, dataset), group in tidy.groupby(["method", "dataset"], sort=False):
         line = {"Method": method, "Dataset": DATASET_NAMES.get(dataset, dataset)}
-        for metric in spec.metrics:
-            cell = group[group["metric"] == metric].iloc[0]
+        for metric in table.metrics:
+            cells = group[group["metric"] == metric]
             name = METRICS[metric]
-            line[f"{name} paper"] = (
-                NOT_PUBLISHED if math.isnan(cell["published"]) else _fmt(cell["published"])
-            )
-            line[f"{name} ours"] = {"ok": _fmt(cell["ours"]), "missing": MISSING}.get(
-                cell["status"], ""
-            )
-            line[f"Δ {name}"] = "" if math.isnan(cell["delta"]) else _fmt(cell["delta"], True)
-        line["n"] = group["n_images"].iloc[0]
+            published = cells["published"].iloc[0]
+            line[f"{name} paper"] = NOT_PUBLISHED if math.isnan(published) else _fmt(published)
+            for k, variant in enumerate(table.variants):
+                cell = cells[cells["variant"] == variant.key].iloc[0]
+                shown = {"ok": _fmt(cell["ours"]), NOT_RUN: NOT_RUN}.get(cell["status"], "")
+                line[f"{name} {variant.label}"] = shown
+                if k == 0:
+                    delta = cell["delta"]
+                    line[f"Δ {name}"] = "" if math.isnan(delta) else _fmt(delta, True)
+        ns = [str(n) for n in group["n_images"] if str(n)]
+        line["n"] = ns[0] if ns else ""
         sources = [s for s in group["source"] if s]
         line["Source"] = sources[0] if sources else "this project"
         out.append(line)
@@ -315,6 +249,48 @@ def to_latex(frame: pd.DataFrame) -> str:
     return latex.replace("Δ", r"$\Delta$").replace(NOT_PUBLISHED, "---")
 
 
+def _other_runs_markdown(table: paper.Table, rows: Sequence[Mapping[str, Any]]) -> str:
+    others = other_runs(table, rows)
+    if not others:
+        return ""
+    lines = [f"- `{o['run_id']}` {o['method']}, {o['dataset']} [{o['column']}]: {o['scores']}; "
+             f"not comparable: {o['deviations']}" for o in others]
+    return "\nOther runs (listed, never in a cell):\n\n" + "\n".join(lines) + "\n"
+
+
+def render_tables(
+    ledger_path: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    experiments: Sequence[str] | None = None,
+    published_path: str | os.PathLike = PUBLISHED_CSV,
+) -> dict[str, dict[str, str]]:
+    """Table name -> ``{".md": ..., ".tex": ..., ".csv": ...}``. A missing or empty ledger gives
+    the published tables with every one of our cells ``not run``."""
+    names = list(paper.TABLES) if names is None else list(names)
+    unknown = [n for n in names if n not in paper.TABLES]
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}; choose from {list(paper.TABLES)}")
+    rows = _only_experiments(read_ledger(ledger_path), experiments)
+    published = read_published(published_path)
+    out = {}
+    for name in names:
+        table = paper.TABLES[name]
+        tidy = build_table(table, rows, published)
+        frame = display_table(tidy, table)
+        note = (
+            f"Percent. paper: as published (Source); ours: the most recent run in "
+            f"`{ledger_path}` with no deviation from the published setting (model, dtype, "
+            f"resolution, split and all its images, segmenter, protocol, preprocessing), n = "
+            f"images scored; Δ = ours − paper; {NOT_RUN} = no comparable run; {NOT_PUBLISHED} = "
+            "no published number on file (eval/published.csv); blank = a method this project "
+            "does not run. `python -m eval.tables --explain` says why a run fills no cell.\n"
+        )
+        markdown = f"### {table.title}\n\n{to_markdown(frame)}\n{note}"
+        markdown += _other_runs_markdown(table, rows)
+        out[name] = {".md": markdown, ".tex": to_latex(frame), ".csv": tidy.to_csv(index=False)}
+    return out
+
+
 def write_tables(
     ledger_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -324,34 +300,13 @@ def write_tables(
 ) -> list[Path]:
     """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` for each table; return the paths.
 
-    ``experiments``: only ledger rows of these experiments count (e.g. keep ablation runs with a
-    ``limit`` out of Table 1); by default every row matching a cell's settings does.
+    ``experiments``: only ledger rows of these experiments count; by default every comparable
+    row does.
     """
-    names = list(TABLES) if names is None else list(names)
-    unknown = [n for n in names if n not in TABLES]
-    if unknown:
-        raise ValueError(f"unknown table(s) {unknown}; choose from {list(TABLES)}")
-    ledger = _only_experiments(read_ledger(ledger_path), experiments)
-    published = read_published(published_path)
-    out_dir = Path(out_dir)
     written = []
-    for name in names:
-        spec = TABLES[name]
-        tidy = build_table(spec, ledger, published)
-        frame = display_table(tidy, spec)
-        note = (
-            f"Percent. paper: as published (Source); ours: the most recent matching run in "
-            f"`{ledger_path}` (by timestamp), n = images scored; Δ = ours − paper; "
-            f"{MISSING} = no matching run; {NOT_PUBLISHED} = no published number on file "
-            "(eval/published.csv); blank = not run by this project.\n"
-        )
-        markdown = f"### {spec.title}\n\n{to_markdown(frame)}\n{note}"
-        for suffix, text in (
-            (".md", markdown),
-            (".tex", to_latex(frame)),
-            (".csv", tidy.to_csv(index=False)),
-        ):
-            path = out_dir / f"{name}{suffix}"
+    for name, texts in render_tables(ledger_path, names, experiments, published_path).items():
+        for suffix, text in texts.items():
+            path = Path(out_dir) / f"{name}{suffix}"
             write_text_atomic(path, text)
             written.append(path)
     return written
@@ -362,14 +317,30 @@ def write_tables(
 
 
 def _sweep_axis(values: pd.Series) -> pd.Series | None:
-    """Numeric x for each value (a list of equal numbers counts as that number), else None."""
+    """Numeric x for each JSON cell (a list of equal numbers counts as that number), else None."""
     numbers = []
     for text in values:
-        parsed = _parse_floats(text)
-        if not parsed or len(set(parsed)) != 1:
+        value = json.loads(text) if text else None
+        value = value if isinstance(value, list) else [value]
+        if not value or len(set(value)) != 1 or not isinstance(value[0], int | float):
             return None
-        numbers.append(parsed[0])
+        numbers.append(float(value[0]))
     return pd.Series(numbers, index=values.index)
+
+
+def _sweep_frame(ledger_path: str | os.PathLike) -> pd.DataFrame:
+    """The ledger as text, version 2 rows only, oldest first (older rows are named, then left out:
+    their lists were written in another format)."""
+    raw = ledger_io.read_rows(ledger_path)
+    old = [r.get("run_id", "?") for r in raw if ledger_io.version(r) < 2]
+    if old:
+        print(
+            f"{ledger_path}: {len(old)} ledger_version 1 row(s) left out of the sweep "
+            f"({', '.join(old[:5])}{', ...' if len(old) > 5 else ''})",
+            file=sys.stderr,
+        )
+    rows = _by_recency([r for r in raw if ledger_io.version(r) >= 2])
+    return pd.DataFrame(rows, dtype=str)
 
 
 def plot_sweep(
@@ -386,18 +357,18 @@ def plot_sweep(
     """
     from matplotlib.figure import Figure  # the OO API renders with Agg, no display needed
 
-    ledger = read_ledger(ledger_path)
+    ledger = _sweep_frame(ledger_path)
     column = param.split(".")[-1]  # accept Hydra names such as segmenter.kl_threshold
     if column not in ledger.columns:
         raise ValueError(
             f"--sweep {param!r}: the ledger has no column {column!r}; sweepable columns are "
             f"{[c for c in SETTING_COLUMNS if c in ledger.columns]}"
         )
-    _require_columns(ledger, ["experiment", "dataset", "timestamp", *METRICS], "a sweep plot")
-    ledger = _only_experiments(ledger, experiments)
+    if experiments:
+        ledger = ledger[ledger["experiment"].isin(list(experiments))]
     out_dir = Path(out_dir)
     written: list[Path] = []
-    for name, runs in _by_recency(ledger).groupby("experiment", sort=True):
+    for name, runs in ledger.groupby("experiment", sort=True):
         if runs[column].nunique() < 2:
             continue
         others = [c for c in SETTING_COLUMNS if c in runs.columns and c != column]
@@ -446,17 +417,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ledger", default="outputs/ledger.csv", help="run ledger CSV")
     parser.add_argument("--out", default="outputs/tables", help="output folder")
     parser.add_argument(
-        "--table", action="append", choices=list(TABLES), help="table(s) to write (default: all)"
+        "--table", action="append", choices=list(paper.TABLES), help="table(s) (default: all)"
     )
     parser.add_argument("--sweep", metavar="PARAM", help="plot metrics against this ledger column")
     parser.add_argument(
         "--experiment", action="append", help="only ledger rows of this experiment (repeatable)"
     )
+    parser.add_argument(
+        "--explain", action="store_true", help="say, for every ledger row, which cell it fills"
+    )
     args = parser.parse_args(argv)
-    if args.sweep:
-        paths = plot_sweep(args.ledger, args.sweep, args.out, args.experiment)
-    else:
-        paths = write_tables(args.ledger, args.out, args.table, args.experiment)
+    try:
+        if args.explain:
+            rows = _only_experiments(read_ledger(args.ledger), args.experiment)
+            print("\n".join(explain(rows)) if rows else f"{args.ledger}: no runs recorded")
+            return
+        if args.sweep:
+            paths = plot_sweep(args.ledger, args.sweep, args.out, args.experiment)
+        else:
+            if not ledger_io.read_rows(args.ledger):
+                print(f"{args.ledger}: no runs recorded yet; our cells are all {NOT_RUN}\n")
+            paths = write_tables(args.ledger, args.out, args.table, args.experiment)
+            for path in paths:
+                if path.suffix == ".md":
+                    print(path.read_text(encoding="utf-8"))
+    except (ledger_io.LedgerError, ValueError) as e:
+        raise SystemExit(f"Error: {e}") from None
     for path in paths:
         print(path)
 

@@ -14,7 +14,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
-from eval.logging import atomic_open
+from eval.atomic import atomic_open
 
 BOUNDARY_COLOR = (255, 255, 255)  # white: visible on every jet colour
 IGNORE_COLOR = (0, 0, 0)

@@ -173,7 +173,7 @@ with the ledger's columns into a temporary ledger (the command line does the sam
         """from datetime import datetime, timezone
 
 from eval.columns import RESULT_COLUMNS
-from eval.logging import append_ledger
+from eval.ledger import append as append_ledger
 
 metric = HungarianIoU(scenes.n_class)
 for i in range(len(scenes)):

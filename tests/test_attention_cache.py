@@ -17,7 +17,7 @@ from eval.attention_cache import (
     bytes_per_image,
     image_hash,
 )
-from eval.logging import read_csv_rows
+from eval.atomic import read_csv_rows
 from tests.helpers import run_module
 
 RES = 64

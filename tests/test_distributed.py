@@ -15,7 +15,7 @@ import pytest
 from diffseg.pipeline import DiffSegPipeline
 from eval.datasets import get_dataset
 from eval.distributed import merge_rank_files, read_records, shard
-from eval.logging import read_csv_rows, read_jsonl
+from eval.atomic import read_csv_rows, read_jsonl
 from eval.metrics import HungarianIoU
 from tests.helpers import offline_env
 

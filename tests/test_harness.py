@@ -27,7 +27,9 @@ from PIL import Image
 
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.datasets import get_dataset
-from eval.logging import append_ledger, read_csv_rows, read_jsonl, wandb_mode, write_csv_atomic
+from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
+from eval.ledger import append as append_ledger
+from eval.logging import wandb_mode
 from eval.matching import match_per_image
 from eval.run import (
     RunError,

@@ -27,7 +27,6 @@ from eval.protocol import (
     crop_min_minus_one,
     dataset_options,
     downsample_nearest,
-    ledger_name,
     merge_unmatched_into_background,
 )
 from tests.helpers import run_module
@@ -219,15 +218,17 @@ def test_diffcut_loads_pascal_context_with_background():
     assert dataset_options(Protocol(), plain)["background"] is False
 
 
-def test_ledger_name_marks_overridden_protocol_settings():
-    assert ledger_name("diffcut", ["dataset=voc", "protocol=diffcut", "model=sd14"]) == "diffcut"
-    overrides = ["protocol.pamr=false", "limit=3", "+protocol.compat=true", "protocols=x"]
-    assert ledger_name("diffcut", overrides) == "diffcut[compat=true,pamr=false]"
-
-
 def test_diffcut_run_end_to_end_on_tiny(tmp_path):
     run_dir, ledger = tmp_path / "run", tmp_path / "ledger.csv"
+    # A protocol setting made in an experiment file (not on the command line) is recorded too:
+    # the ledger holds the resolved protocol, not the overrides.
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "compat_here.yaml").write_text(
+        "# @package _global_\nprotocol:\n  compat: true\n"
+    )
     args = [
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "+experiment=compat_here",
         "protocol=diffcut",
         "dataset=synthetic",
         "model=tiny",
@@ -247,11 +248,15 @@ def test_diffcut_run_end_to_end_on_tiny(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     with open(ledger, newline="") as f:
         (row,) = list(csv.DictReader(f))
-    assert (row["protocol"], row["kl_threshold"], row["resolution"]) == (
-        "diffcut[background.synthetic=sky,resolution=64,score_resolution=32]",
-        "1.0,1.0,1.0",
+    assert (row["protocol"], json.loads(row["kl_threshold"]), row["resolution"]) == (
+        "diffcut",
+        [1.0, 1.0, 1.0],
         "64",
     )
+    settings = json.loads(row["protocol_settings"])
+    assert settings["compat"] is True and settings["background"]["synthetic"] == "sky"
+    assert (settings["resolution"], settings["score_resolution"]) == (64, 32)
+    assert row["deviations"].startswith("no published cell for protocol=diffcut[compat]")
     # Re-score the saved predictions against labels made here by the protocol's rules: synthetic
     # scene at 64 -> crop 63 -> nearest-exact to 64 -> nearest to 32.
     data = SyntheticScenes(length=2, resolution=64)

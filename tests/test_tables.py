@@ -1,85 +1,99 @@
-"""Paper tables and sweep plots generated from a ledger written here."""
+"""Paper tables, deviations and sweep plots generated from a ledger written here.
 
+Ledger rows are made as a run makes them: the paper's experiment file is composed with Hydra and
+recorded with ``eval.record.settings``, so a test that a row fills a cell also tests that the
+experiment reproduces the published setting.
+"""
+
+import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from eval.tables import main, plot_sweep, to_latex, write_tables
+from eval import ledger as ledger_io
+from eval import paper, record
+from eval.columns import RESULT_COLUMNS
+from eval.protocol import Protocol
+from eval.tables import (
+    explain,
+    main,
+    plot_sweep,
+    read_ledger,
+    render_tables,
+    to_latex,
+    write_tables,
+)
 
-# The ledger columns agreed in .dev/COMMON.md.
-COLUMNS = [
-    "run_id", "timestamp", "experiment", "protocol", "dataset", "split", "model", "segmenter",
-    "timestep", "kl_threshold", "num_points", "refine", "weights", "resolution", "n_images",
-    "pixel_accuracy", "miou", "mean_segments", "seconds", "images_per_s", "device", "seed",
-    "versions", "git_commit", "run_dir",
-]  # fmt: skip
-
-PAPER = {
-    "protocol": "diffseg",
-    "model": "sd14",
-    "segmenter": "diffseg",
-    "timestep": 300,
-    "kl_threshold": "1.1,1.1,1.1",
-    "num_points": 16,
-    "refine": False,
-    "weights": "",
-    "resolution": 512,
-    "split": "val",
-}
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT_SIZES = {"coco_stuff27": 2175, "cityscapes": 500, "voc": 1449, "pascal_context59": 5105,
+               "coco_object": 2175, "ade20k": 2000}  # fmt: skip
 
 
-def run(run_id, timestamp, experiment, dataset, acc, miou, n=2175, **settings):
-    return {
-        **dict.fromkeys(COLUMNS, ""),
-        **PAPER,
-        **settings,
-        "run_id": run_id,
-        "timestamp": timestamp,
-        "experiment": experiment,
-        "dataset": dataset,
-        "pixel_accuracy": acc,
-        "miou": miou,
-        "n_images": n,
-    }
+def settings_of(*overrides, model="sd14"):
+    """The ledger settings of a run composed from ``overrides`` (``model``: the Hydra choice), as
+    ``eval.run`` records them."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        fixed = ["paths.data_dir=/d", "paths.output_dir=/o", "paths.ledger=/l", "cache.dir=/c"]
+        cfg = compose("config", overrides=[*fixed, *overrides])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    protocol = Protocol.from_config(resolved["protocol"])
+    if resolved["dataset"]["name"] in protocol.splits:
+        resolved["dataset"]["split"] = protocol.splits[resolved["dataset"]["name"]]
+    resolution = protocol.input_resolution or resolved["dataset"]["resolution"]
+    size = SPLIT_SIZES.get(resolved["dataset"]["name"])
+    return record.settings(resolved, model, protocol, resolution, torch.device("cpu"), size)
+
+
+def run(run_id, timestamp, acc, miou, overrides, n=None, model="sd14", **changes):
+    """An encoded ledger row of a finished run; ``changes`` replace recorded values."""
+    row = settings_of(*overrides, model=model)
+    row.update(
+        run_id=run_id,
+        timestamp=timestamp,
+        pixel_accuracy=acc,
+        miou=miou,
+        n_images=row["split_size"] if n is None else n,
+        n_skipped=0,
+        skipped_ids=[],
+        versions={},
+    )
+    row.update(changes)
+    row["deviations"] = "; ".join(paper.deviations({**row, "ledger_version": 2}))
+    return ledger_io.encode_row(row)
 
 
 def write_ledger(path, rows):
-    pd.DataFrame(rows, columns=COLUMNS).to_csv(path, index=False)
+    columns = list(RESULT_COLUMNS) + [c for r in rows for c in r if c not in RESULT_COLUMNS]
+    pd.DataFrame(rows, columns=list(dict.fromkeys(columns))).to_csv(path, index=False)
     return path
 
 
-@pytest.fixture
-def ledger(tmp_path):
+COCO = ("+experiment=table1_coco",)
+CITY = ("+experiment=table1_cityscapes",)
+KMC = ("+experiment=table1_kmeans", "dataset=coco_stuff27", "segmenter=kmeans_c")
+DIFFCUT = ("+experiment=diffcut_diffseg", "dataset=voc")
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory):
     rows = [
-        # Newest matching COCO run listed first: recency is by timestamp, not file order.
-        run("coco-new", "2025-03-01T10:00:00", "table1_coco", "coco_stuff27", 0.731, 0.4412),
-        run("coco-old", "2025-01-01T10:00:00", "table1_coco", "coco_stuff27", 0.70, 0.40),
+        # Newest comparable COCO run listed first: recency is by timestamp, not file order.
+        run("coco-new", "2025-03-01T10:00:00", 0.731, 0.4412, COCO),
+        run("coco-old", "2025-01-01T10:00:00", 0.70, 0.40, COCO),
         # Newest of all but another KL threshold: not the paper setting, never in Table 1.
-        run(
-            "coco-kl",
-            "2025-04-01T10:00:00",
-            "ablation_kl",
-            "coco_stuff27",
-            0.9,
-            0.9,
-            kl_threshold="0.9,0.9,0.9",
-        ),
-        run("kmc", "2025-02-01T10:00:00", "kmeans", "coco_stuff27", 0.5, 0.2, segmenter="kmeans_c"),
-        run(
-            "voc",
-            "2025-02-01T10:00:00",
-            "diffcut",
-            "voc",
-            0.8,
-            0.5,
-            n=1449,
-            protocol="diffcut",
-            kl_threshold="1.0,1.0,1.0",
-            resolution=1024,
-        ),
-    ]
-    return write_ledger(tmp_path / "ledger.csv", rows)
+        run("coco-kl", "2025-04-01T10:00:00", 0.9, 0.9, (*COCO, "segmenter.kl_threshold=[0.9,0.9,0.9]")),
+        # Newer still, but a 500-image ablation in half precision: listed under the table only.
+        run("coco-500", "2025-05-01T10:00:00", 0.8, 0.8, (*COCO, "limit=500", "model.dtype=float16"), n=500),
+        run("kmc", "2025-02-01T10:00:00", 0.5, 0.2, KMC),
+        run("voc", "2025-02-01T10:00:00", 0.8, 0.5, DIFFCUT),
+        run("voc-fixed", "2025-02-01T10:00:00", 0.8, 0.55, (*DIFFCUT, "protocol.compat=false")),
+    ]  # fmt: skip
+    return write_ledger(tmp_path_factory.mktemp("ledger") / "ledger.csv", rows)
 
 
 def markdown_table(text):
@@ -88,21 +102,18 @@ def markdown_table(text):
     return lines, [[cell.strip() for cell in cells] for cells in split]
 
 
-def test_table1_cells_deltas_and_missing(ledger, tmp_path):
-    write_tables(ledger, tmp_path / "out", ["table1"])
-    _, rows = markdown_table((tmp_path / "out" / "table1.md").read_text())
+def body_of(text):
+    _, rows = markdown_table(text)
     header = rows[0]
+    return header, {(r[0], r[1]): dict(zip(header, r, strict=True)) for r in rows[2:]}
+
+
+def test_table1_cells_deltas_and_not_run(ledger, tmp_path):
+    write_tables(ledger, tmp_path / "out", ["table1"])
+    header, body = body_of((tmp_path / "out" / "table1.md").read_text())
     assert header[:8] == [
-        "Method",
-        "Dataset",
-        "Acc paper",
-        "Acc ours",
-        "Δ Acc",
-        "mIoU paper",
-        "mIoU ours",
-        "Δ mIoU",
-    ]
-    body = {(r[0], r[1]): dict(zip(header, r, strict=True)) for r in rows[2:]}
+        "Method", "Dataset", "Acc paper", "Acc ours", "Δ Acc", "mIoU paper", "mIoU ours", "Δ mIoU",
+    ]  # fmt: skip
     assert len(body) == 10 * 2  # 7 baselines, 2 K-Means, DiffSeg x 2 datasets
 
     coco = body[("DiffSeg", "COCO-Stuff-27")]
@@ -111,19 +122,31 @@ def test_table1_cells_deltas_and_missing(ledger, tmp_path):
     assert coco["n"] == "2175"
 
     city = body[("DiffSeg", "Cityscapes")]
-    assert (city["Acc paper"], city["Acc ours"], city["Δ Acc"]) == ("76.0", "missing", "")
-    assert (city["mIoU paper"], city["mIoU ours"]) == ("21.2", "missing")
+    assert (city["Acc paper"], city["Acc ours"], city["Δ Acc"]) == ("76.0", "not run", "")
+    assert (city["mIoU paper"], city["mIoU ours"]) == ("21.2", "not run")
 
     stego = body[("STEGO", "Cityscapes")]
     assert (stego["mIoU paper"], stego["mIoU ours"], stego["Acc paper"]) == ("21.0", "", "—")
     kmc = body[("K-Means-C", "COCO-Stuff-27")]
     assert (kmc["Acc ours"], kmc["mIoU ours"], kmc["mIoU paper"], kmc["Δ mIoU"]) == (
-        "50.0",
-        "20.0",
-        "—",
-        "",
-    )
-    assert body[("K-Means-S", "COCO-Stuff-27")]["mIoU ours"] == "missing"
+        "50.0", "20.0", "—", "",
+    )  # fmt: skip
+    assert body[("K-Means-S", "COCO-Stuff-27")]["mIoU ours"] == "not run"
+
+
+def test_runs_that_deviate_are_listed_under_the_table_never_in_a_cell(ledger, tmp_path):
+    text = render_tables(ledger, ["table1"])["table1"][".md"]
+    listed = text.split("Other runs")[1]
+    # The newest COCO runs (a 500-image float16 ablation, another KL) are listed, not shown.
+    assert "`coco-500` DiffSeg, COCO-Stuff-27" in listed
+    assert "images 500 of 2175" in listed and "dtype=float16" in listed
+    assert "`coco-kl`" in listed and "segmenter.kl_threshold=[0.9, 0.9, 0.9]" in listed
+    assert "coco-new" not in listed and "coco-old" not in listed
+    lines = explain(read_ledger(ledger))
+    by_run = {line.split(" ")[0]: line for line in lines}
+    assert by_run["coco-new"].endswith("fills table1/DiffSeg/coco_stuff27/ours")
+    assert "a more recent run fills it" in by_run["coco-old"]
+    assert by_run["coco-500"].endswith("not comparable: dtype=float16; images 500 of 2175")
 
 
 def test_tidy_csv_keeps_full_precision_and_the_run_behind_each_number(ledger, tmp_path):
@@ -139,30 +162,133 @@ def test_tidy_csv_keeps_full_precision_and_the_run_behind_each_number(ledger, tm
     assert float(cell["delta"]) == pytest.approx(44.12 - 43.6)
     assert cell["status"] == "ok"
     statuses = tidy.groupby("method")["status"].unique().to_dict()
-    assert list(statuses["IIC"]) == ["not run"]
+    assert list(statuses["IIC"]) == ["quoted"]
     cityscapes = tidy[(tidy["method"] == "DiffSeg") & (tidy["dataset"] == "cityscapes")]
-    assert set(cityscapes["status"]) == {"missing"}
+    assert set(cityscapes["status"]) == {"not run"}
     assert set(cityscapes["ours"]) == {""}
 
 
-def test_diffcut_table(ledger, tmp_path):
+def test_diffcut_table_compares_like_with_like(ledger, tmp_path):
     write_tables(ledger, tmp_path, ["diffcut"])
-    _, rows = markdown_table((tmp_path / "diffcut.md").read_text())
-    header = rows[0]
-    body = {(r[0], r[1]): dict(zip(header, r, strict=True)) for r in rows[2:]}
+    header, body = body_of((tmp_path / "diffcut.md").read_text())
+    assert header[2:6] == [
+        "mIoU paper", "mIoU ours (DiffCut's labels)", "Δ mIoU", "mIoU ours (corrected labels)",
+    ]  # fmt: skip
     assert len(body) == 12
     voc = body[("DiffSeg", "VOC")]
-    assert (voc["mIoU paper"], voc["mIoU ours"], voc["Δ mIoU"], voc["n"]) == (
-        "49.8",
-        "50.0",
-        "+0.2",
-        "1449",
+    # The published cell holds the run under DiffCut's label rules (compat); the corrected rules'
+    # run has its own column and no delta against the published number.
+    assert (voc["mIoU paper"], voc["mIoU ours (DiffCut's labels)"], voc["Δ mIoU"]) == (
+        "49.8", "50.0", "+0.2",
+    )  # fmt: skip
+    assert (voc["mIoU ours (corrected labels)"], voc["n"]) == ("55.0", "1449")
+    assert body[("DiffSeg", "ADE20K")]["mIoU ours (DiffCut's labels)"] == "not run"
+    cut = body[("DiffCut", "Cityscapes")]
+    assert (cut["mIoU paper"], cut["mIoU ours (DiffCut's labels)"]) == ("30.6", "")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cell"),
+    [
+        (COCO, "table1/DiffSeg/coco_stuff27/ours"),
+        (CITY, "table1/DiffSeg/cityscapes/ours"),
+        *(
+            (
+                ("+experiment=table1_kmeans", f"dataset={d}", f"segmenter={s}"),
+                f"table1/{m}/{d}/ours",
+            )
+            for d in ("coco_stuff27", "cityscapes")
+            for s, m in (("kmeans_c", "K-Means-C"), ("kmeans_s", "K-Means-S"))
+        ),
+        *(
+            (("+experiment=diffcut_diffseg", f"dataset={d}"), f"diffcut/DiffSeg/{d}/ours")
+            for d in SPLIT_SIZES
+        ),
+    ],
+)
+def test_paper_experiments_reproduce_the_published_setting(overrides, cell):
+    row = {**settings_of(*overrides), "ledger_version": 2, "n_skipped": 0}
+    row["n_images"] = row["split_size"]
+    assert paper.deviations(row) == []
+    assert paper.target(row).key == cell
+
+
+@pytest.mark.parametrize(
+    ("overrides", "changes", "expected"),
+    [
+        ((*COCO, "model=tiny"), {"model": "tiny"}, ["model=tiny"]),
+        ((*COCO, "model.dtype=float16"), {}, ["dtype=float16"]),
+        ((*COCO, "model.dtype=null"), {}, []),  # CPU: null resolves to float32
+        ((*COCO, "cache.attention=true"), {}, ["attention cache in bfloat16"]),
+        ((*COCO, "cache.attention=true", "cache.dtype=float32"), {}, []),
+        ((*COCO, "dataset.split=full"), {"split_size": 5000}, ["split=full (published: curated)", "images 2175 of 5000"]),
+        ((*COCO, "dataset.resolution=256"), {}, ["resolution=256"]),
+        ((*COCO, "dataset.antialias=true"), {}, ["dataset.antialias=True"]),
+        ((*COCO, "segmenter.num_points=8"), {}, ["segmenter.num_points=8"]),
+        ((*COCO, "segmenter.noise=true"), {}, ["segmenter.noise=True"]),
+        (COCO, {"n_images": 2, "n_skipped": 1}, ["images 2 of 2175", "1 skipped"]),
+        ((*DIFFCUT, "protocol.pamr=false"), {}, ["protocol.pamr=False"]),
+        ((*DIFFCUT, "protocol.model_resolution=512"), {}, ["resolution=512", "protocol.model_resolution=512"]),
+    ],
+)  # fmt: skip
+def test_deviations_name_each_setting_that_differs(overrides, changes, expected):
+    model = changes.get("model", "sd14")
+    row = {**settings_of(*overrides, model=model), "ledger_version": 2, "n_skipped": 0}
+    row["n_images"] = 2175 if row["split"] == "full" else row["split_size"]
+    row.update(changes)
+    assert paper.deviations(row) == expected
+
+
+def test_rows_without_a_cell_and_old_ledger_rows_fill_nothing(tmp_path):
+    demo = {**settings_of("dataset=synthetic", model="tiny"), "ledger_version": 2}
+    assert paper.deviations(demo) == [
+        "no published cell for protocol=diffseg segmenter=diffseg dataset=synthetic"
+    ]
+    # A ledger written before versions: same settings in the old columns, never comparable.
+    old = tmp_path / "old.csv"
+    old.write_text(
+        "run_id,timestamp,protocol,dataset,split,model,segmenter,timestep,kl_threshold,"
+        "num_points,refine,weights,resolution,n_images,pixel_accuracy,miou\n"
+        'v1,2025-01-01,diffseg,coco_stuff27,curated,sd14,diffseg,300,"1.1,1.1,1.1",16,False,'
+        "proportional,512,2175,0.7,0.4\n"
     )
-    assert body[("DiffSeg", "ADE20K")]["mIoU ours"] == "missing"
-    assert (
-        body[("DiffCut", "Cityscapes")]["mIoU paper"],
-        body[("DiffCut", "Cityscapes")]["mIoU ours"],
-    ) == ("30.6", "")
+    text = render_tables(old, ["table1"])["table1"][".md"]
+    assert "| DiffSeg | COCO-Stuff-27 | 72.5 | not run |" in text
+    (line,) = explain(read_ledger(old))
+    assert line.endswith("is not comparable: ledger_version 1: written before every setting was recorded; run it again")
+
+
+def test_empty_directory_prints_the_published_tables(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([])
+    out = capsys.readouterr().out
+    assert "no runs recorded yet" in out
+    _, body = body_of(out.split("### DiffSeg re-evaluated")[0])
+    coco, city = body[("DiffSeg", "COCO-Stuff-27")], body[("DiffSeg", "Cityscapes")]
+    assert [coco["Acc paper"], coco["mIoU paper"], city["Acc paper"], city["mIoU paper"]] == [
+        "72.5", "43.6", "76.0", "21.2",
+    ]  # fmt: skip
+    assert coco["mIoU ours"] == "not run"
+    _, follow_up = body_of(out.split("### DiffSeg re-evaluated")[1])
+    assert [follow_up[("DiffSeg", d)]["mIoU paper"] for d in ("VOC", "ADE20K")] == ["49.8", "37.7"]
+    assert sorted(p.name for p in (tmp_path / "outputs" / "tables").iterdir())[:1] == [
+        "diffcut.csv"
+    ]
+
+
+def test_malformed_ledgers_name_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text('run_id,miou\na,0.5\nb,"0.6\n')
+    with pytest.raises(SystemExit, match=r"bad\.csv, line 3: unexpected end of data"):
+        main(["--ledger", str(bad), "--out", str(tmp_path)])
+    bad.write_text("run_id,miou\na,0.5\nb,0.6,extra\n")
+    with pytest.raises(SystemExit, match=r"bad\.csv, line 3: 3 fields where the header has 2"):
+        main(["--ledger", str(bad), "--out", str(tmp_path)])
+    percent = write_ledger(tmp_path / "pct.csv", [run("p", "2025-01-01", 72.5, 43.6, COCO)])
+    with pytest.raises(ValueError, match="fractions"):
+        write_tables(percent, tmp_path)
+    with pytest.raises(ValueError, match="unknown table"):
+        write_tables(percent, tmp_path, ["table9"])
 
 
 def test_markdown_structure(ledger, tmp_path):
@@ -199,8 +325,8 @@ def test_latex_cells_are_escaped():
 
 def test_experiment_filter_and_latest_row(tmp_path):
     rows = [
-        run("full", "2025-01-01T00:00:00", "table1_coco", "coco_stuff27", 0.7, 0.4),
-        run("quick", "2025-06-01T00:00:00", "smoke", "coco_stuff27", 0.6, 0.3, n=4),
+        run("full", "2025-01-01T00:00:00", 0.7, 0.4, COCO),
+        run("again", "2025-06-01T00:00:00", 0.6, 0.3, COCO, experiment="smoke"),
     ]
     ledger = write_ledger(tmp_path / "ledger.csv", rows)
     write_tables(ledger, tmp_path / "all", ["table1"])
@@ -212,36 +338,17 @@ def test_experiment_filter_and_latest_row(tmp_path):
             tidy[(tidy["method"] == "DiffSeg") & (tidy["dataset"] == "coco_stuff27")]["run_id"]
         )
 
-    assert coco_run(tmp_path / "all") == {"quick"}
+    assert coco_run(tmp_path / "all") == {"again"}
     assert coco_run(tmp_path / "t1") == {"full"}
 
 
-def test_bad_ledgers(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.csv"):
-        write_tables(tmp_path / "nowhere.csv", tmp_path)
-    percent = write_ledger(
-        tmp_path / "pct.csv", [run("p", "2025-01-01", "t", "coco_stuff27", 72.5, 43.6)]
-    )
-    with pytest.raises(ValueError, match="fractions"):
-        write_tables(percent, tmp_path)
-    pd.DataFrame({"run_id": ["x"]}).to_csv(tmp_path / "thin.csv", index=False)
-    with pytest.raises(ValueError, match="lacks column"):
-        write_tables(tmp_path / "thin.csv", tmp_path)
-    with pytest.raises(ValueError, match="unknown table"):
-        write_tables(percent, tmp_path, ["table9"])
-
-
 def test_sweep_plot_and_points(tmp_path):
+    def kl_run(run_id, timestamp, dataset, kl, acc, miou, experiment="ablation_kl"):
+        overrides = ("+experiment=ablation_kl", f"dataset={dataset}", f"kl={kl}")
+        return run(run_id, timestamp, acc, miou, overrides, experiment=experiment)
+
     rows = [
-        run(
-            f"{ds}-{kl}",
-            "2025-01-02T00:00:00",
-            "ablation_kl",
-            ds,
-            acc,
-            miou,
-            kl_threshold=f"{kl},{kl},{kl}",
-        )
+        kl_run(f"{ds}-{kl}", "2025-01-02T00:00:00", ds, kl, acc, miou)
         for ds, kl, acc, miou in [
             ("coco_stuff27", 0.9, 0.70, 0.40),
             ("coco_stuff27", 1.1, 0.72, 0.43),
@@ -250,19 +357,10 @@ def test_sweep_plot_and_points(tmp_path):
         ]
     ]
     # An older repeat of one point: the newer run is plotted.
-    rows.append(
-        run(
-            "old",
-            "2024-01-01T00:00:00",
-            "ablation_kl",
-            "cityscapes",
-            0.1,
-            0.1,
-            kl_threshold="0.9,0.9,0.9",
-        )
-    )
-    rows.append(run("other", "2025-01-01T00:00:00", "table1_coco", "coco_stuff27", 0.7, 0.4))
+    rows.append(kl_run("old", "2024-01-01T00:00:00", "cityscapes", 0.9, 0.1, 0.1))
+    rows.append(run("other", "2025-01-01T00:00:00", 0.7, 0.4, COCO))
     ledger = write_ledger(tmp_path / "ledger.csv", rows)
+    assert json.loads(pd.read_csv(ledger)["kl_threshold"][0]) == [0.9, 0.9, 0.9]
     out = tmp_path / "plots"
     main(["--ledger", str(ledger), "--out", str(out), "--sweep", "segmenter.kl_threshold"])
     png = out / "sweep_ablation_kl_kl_threshold.png"
@@ -289,4 +387,5 @@ def test_cli_writes_every_format_and_no_temporary_files(ledger, tmp_path, capsys
     assert names == sorted(
         f"{t}.{ext}" for t in ("table1", "diffcut") for ext in ("md", "tex", "csv")
     )
-    assert "table1.tex" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "table1.tex" in printed and "| DiffSeg | COCO-Stuff-27 | 72.5 | 73.1 |" in printed

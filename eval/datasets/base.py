@@ -196,7 +196,7 @@ class SegmentationFiles(Dataset):
         on_error: str = "raise",
         expected_size: int | None = None,
     ) -> None:
-        samples, skipped = index_pairs(name, candidates, on_error)
+        samples, skipped_ids = index_pairs(name, candidates, on_error)
         if not keep_size and (not isinstance(resolution, int) or resolution < 1):
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
         self.name = name
@@ -208,10 +208,14 @@ class SegmentationFiles(Dataset):
         self.antialias = antialias
         self.keep_size = keep_size
         self.on_error = on_error
-        self.skipped = skipped
-        if expected_size is not None and len(self.samples) + skipped != expected_size:
+        # Pairs dropped while indexing (named in the run's summary, results and ledger); later
+        # failures of a pair only count, in `skipped`, since a worker cannot report back.
+        self.skipped_ids = skipped_ids
+        self.skipped = len(skipped_ids)
+        self.split_size = expected_size
+        if expected_size is not None and len(self.samples) + self.skipped != expected_size:
             warnings.warn(
-                f"{name}: found {len(self.samples) + skipped} images, the published split has "
+                f"{name}: found {len(self.samples) + self.skipped} images, the published split has "
                 f"{expected_size}; results will not be comparable with published numbers",
                 SplitSizeWarning,
                 stacklevel=3,
@@ -219,6 +223,10 @@ class SegmentationFiles(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def item_id(self, index: int) -> str:
+        """The id of item ``index``, without reading its files."""
+        return self.samples[index].id
 
     def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str, str, str]:
         """Decoded image ``(H, W, 3)`` uint8, raw label ids ``(H, W)``, the names errors give
@@ -250,19 +258,22 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
-def index_pairs(name: str, candidates: Iterable[Sample], on_error: str) -> tuple[list[Sample], int]:
+def index_pairs(
+    name: str, candidates: Iterable[Sample], on_error: str
+) -> tuple[list[Sample], list[str]]:
     """Keep the pairs whose two files exist; the others are one error naming them all, or (with
-    ``on_error="skip"``) a warning each and a count."""
+    ``on_error="skip"``) a warning each; returns the kept pairs and the ids of the others."""
     check_on_error(on_error)
-    samples, problems = [], []
+    samples, problems, ids = [], [], []
     for s in candidates:
         missing = [str(p) for p in (s.image, s.label) if not p.is_file()]
         if missing:
             problems.append(f"{s.id}: missing {' and '.join(missing)}")
+            ids.append(s.id)
         else:
             samples.append(s)
     if not problems:
-        return samples, 0
+        return samples, []
     if on_error == "raise":
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -272,7 +283,7 @@ def index_pairs(name: str, candidates: Iterable[Sample], on_error: str) -> tuple
         )
     for p in problems:
         warnings.warn(f"{name}: skipped {p}", stacklevel=3)
-    return samples, len(problems)
+    return samples, ids
 
 
 def collate(batch: Sequence[dict | None]) -> dict:

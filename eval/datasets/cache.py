@@ -252,6 +252,9 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    def item_id(self, index: int) -> str:
+        return str(self.table[index]["id"])
+
     def __getitem__(self, index: int) -> dict | None:
         row = self.table[index]
         if row["error"]:
@@ -320,4 +323,7 @@ def cached(
             build(dataset, path, fp, resolution, dtype, echo=echo)
         # Inside the lock: another process may be rebuilding this folder otherwise.
         table = datasets.load_from_disk(str(path / "data"))
-    return CachedDataset(table, dataset.class_names, name, on_error, fp["skipped"])
+    out = CachedDataset(table, dataset.class_names, name, on_error, fp["skipped"])
+    out.skipped_ids = list(getattr(dataset, "skipped_ids", []))
+    out.split_size = getattr(dataset, "split_size", None)
+    return out

@@ -1,0 +1,263 @@
+"""The published cells this harness regenerates, the setting behind each, and how a run deviates.
+
+A run *targets* a cell when its protocol (name and label rules), segmenter and dataset are the
+cell's; it *fills* the cell only when nothing else differs from the published setting: model and
+its dtype, input resolution, split and every one of its images, the segmenter's parameters, the
+protocol's parameters, the dataset's preprocessing. :func:`deviations` lists what differs, in
+words a reader can check (``model=tiny; images 2 of 2175; dtype=float16``); an empty list is a
+comparable run. ``eval.run`` writes that list to the ledger and ``eval.tables`` recomputes it, so
+a cell never shows a number that was not produced under its setting.
+
+Torch-free: ``eval.tables`` loads fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SD14 = "CompVis/stable-diffusion-v1-4"
+NO_CELL = "no published cell"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A column of our numbers in a table: the protocol (name and label rules) a run must use."""
+
+    key: str
+    label: str
+    protocol: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method's line. ``segmenter``: the segmenter settings of the published runs (None: the
+    number is only quoted from the literature); ``per_dataset`` adds per-dataset settings."""
+
+    name: str
+    segmenter: Mapping[str, Any] | None = None
+    per_dataset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A published table: its datasets (name -> split), the setting common to its cells."""
+
+    name: str
+    title: str
+    datasets: Mapping[str, str]
+    metrics: tuple[str, ...]
+    methods: tuple[Method, ...]
+    variants: tuple[Variant, ...]
+    # Model (Hydra choice), its dtype, model input side, dataset preprocessing.
+    model: str = "sd14"
+    dtype: str = "float32"
+    resolution: int = 512
+    dataset: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    table: Table
+    method: Method
+    dataset: str
+    variant: Variant
+
+    @property
+    def key(self) -> str:
+        return f"{self.table.name}/{self.method.name}/{self.dataset}/{self.variant.key}"
+
+
+# DiffSeg's official notebook: one UNet pass at timestep 300, empty prompt, no noise, 16x16 anchors,
+# no K-means refinement, aggregation weights proportional to resolution.
+_DIFFSEG = {
+    "name": "diffseg",
+    "timestep": 300,
+    "num_points": 16,
+    "refine": False,
+    "weights": None,
+    "prompt": "",
+    "noise": False,
+}
+_KMEANS = {"timestep": 300, "weights": None, "prompt": "", "noise": False}
+# The official preprocessing: square centre crop, bilinear resize without antialiasing, JPEGs
+# decoded as TF's decode_jpeg (fast integer DCT); the float32 cache is bit-identical to the files.
+_OFFICIAL_DATA = {"antialias": False, "keep_size": False, "jpeg_decoder": "tf"}
+
+TABLE1 = Table(
+    name="table1",
+    title="DiffSeg Table 1: unsupervised zero-shot segmentation (protocol=diffseg)",
+    datasets={"coco_stuff27": "curated", "cityscapes": "val"},
+    metrics=("pixel_accuracy", "miou"),
+    methods=(
+        *(Method(m) for m in ("IIC", "MDC", "PiCIE", "STEGO", "HP", "ReCo", "MaskCLIP")),
+        Method("K-Means-C", {**_KMEANS, "name": "kmeans_c", "n_clusters": 6}),
+        Method("K-Means-S", {**_KMEANS, "name": "kmeans_s", "n_clusters": "gt"}),
+        Method(
+            "DiffSeg",
+            _DIFFSEG,
+            {
+                "coco_stuff27": {"kl_threshold": [1.1, 1.1, 1.1]},
+                "cityscapes": {"kl_threshold": [0.9, 0.9, 0.9]},
+            },
+        ),
+    ),
+    variants=(
+        Variant(
+            "ours",
+            "ours",
+            {
+                "name": "diffseg",
+                "compat": False,
+                "resolution": None,
+                "crop": "dataset",
+                "score_resolution": None,
+                "pamr": False,
+                "background": None,
+            },
+        ),
+    ),
+    dataset=_OFFICIAL_DATA,
+)
+
+# DiffCut (Couairon et al., NeurIPS 2024) re-ran DiffSeg under its own protocol (eval.protocol,
+# conf/protocol/diffcut.yaml): 1024 input, labels sampled at 128, background merge, PAMR, KL 1.0.
+# Its published numbers were computed with its label rules (protocol.compat=true): the "ours"
+# column; the corrected rules get a column of their own.
+_DIFFCUT_PROTOCOL = {
+    "name": "diffcut",
+    "resolution": 1024,
+    "model_resolution": None,
+    "crop": "min_minus_one",
+    "score_resolution": 128,
+    "pamr": True,
+    "pamr_iterations": 10,
+    "pamr_dilations": [1, 2, 4, 8],
+}
+_DIFFCUT_BACKGROUND = {"voc", "coco_object", "pascal_context59"}
+DIFFCUT = Table(
+    name="diffcut",
+    title="DiffSeg re-evaluated under the DiffCut protocol (protocol=diffcut), mIoU",
+    datasets={
+        "voc": "val",
+        "pascal_context59": "val",
+        "coco_object": "curated",
+        "coco_stuff27": "curated",
+        "cityscapes": "val",
+        "ade20k": "val",
+    },
+    metrics=("miou",),
+    methods=(Method("DiffSeg", {**_DIFFSEG, "kl_threshold": [1.0, 1.0, 1.0]}), Method("DiffCut")),
+    variants=(
+        Variant(
+            "ours",
+            "ours (DiffCut's labels)",
+            {**_DIFFCUT_PROTOCOL, "compat": True, "background": "background"},
+        ),
+        Variant(
+            "corrected",
+            "ours (corrected labels)",
+            {**_DIFFCUT_PROTOCOL, "compat": False, "background": "background"},
+        ),
+    ),
+    # DiffCut's loader decodes with Pillow (our reading of dataloader/iterator.py).
+    dataset={"antialias": False, "jpeg_decoder": "pil"},
+)
+
+TABLES = {t.name: t for t in (TABLE1, DIFFCUT)}
+
+
+def _identity(row: Mapping[str, Any]) -> tuple[str, bool, str, str]:
+    protocol = row.get("protocol_settings") or {}
+    compat = bool(protocol.get("compat", False)) if isinstance(protocol, Mapping) else False
+    return str(row.get("protocol", "")), compat, str(row.get("segmenter", "")), str(row["dataset"])
+
+
+def target(row: Mapping[str, Any]) -> Cell | None:
+    """The published cell a (parsed) ledger row aims at, or None."""
+    protocol, compat, segmenter, dataset = _identity(row)
+    for table in TABLES.values():
+        if dataset not in table.datasets:
+            continue
+        for variant in table.variants:
+            if (variant.protocol["name"], variant.protocol["compat"]) != (protocol, compat):
+                continue
+            for method in table.methods:
+                if method.segmenter is not None and method.segmenter["name"] == segmenter:
+                    return Cell(table, method, dataset, variant)
+    return None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _differs(got: Any, expected: Any) -> bool:
+    if isinstance(expected, list | tuple):
+        return not isinstance(got, list | tuple) or list(got) != list(expected)
+    return got != expected
+
+
+def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
+    """How the (parsed, version 2) ledger ``row`` differs from ``cell``'s published setting."""
+    table, out = cell.table, []
+    if row.get("model") != table.model:
+        out.append(f"model={row.get('model')}")
+    model_id = str(row.get("model_id") or "")
+    if "/" in model_id and not model_id.startswith(("/", ".")) and model_id != SD14:
+        out.append(f"model_id={model_id}")  # another hub repository than the paper's weights
+    if row.get("dtype") != table.dtype:
+        out.append(f"dtype={row.get('dtype')}")
+    if row.get("attention_cache") not in ("", None, "float32"):
+        out.append(f"attention cache in {row.get('attention_cache')}")
+    if _int(row.get("resolution")) != (cell.variant.protocol.get("resolution") or table.resolution):
+        out.append(f"resolution={row.get('resolution')}")
+    split = table.datasets[cell.dataset]
+    if row.get("split") != split:
+        out.append(f"split={row.get('split')} (published: {split})")
+    n, size, skipped = (_int(row.get(k)) for k in ("n_images", "split_size", "n_skipped"))
+    if size is None:
+        out.append(f"images {n} of an unknown split size")
+    elif n != size:
+        out.append(f"images {n} of {size}")
+    if skipped:
+        out.append(f"{skipped} skipped")
+    data = row.get("dataset_settings") or {}
+    for key, expected in table.dataset.items():
+        if key in data and _differs(data[key], expected):
+            out.append(f"dataset.{key}={data[key]}")
+    if data.get("cache") and data.get("cache_dtype", "float32") != "float32":
+        out.append(f"dataset.cache_dtype={data.get('cache_dtype')}")
+    protocol = row.get("protocol_settings") or {}
+    for key, expected in cell.variant.protocol.items():
+        if key == "name":  # the identity, checked by target()
+            continue
+        if key == "background":
+            got = (protocol.get("background") or {}).get(cell.dataset)
+            expected = expected if cell.dataset in _DIFFCUT_BACKGROUND else None
+        else:
+            got = protocol.get(key)
+        if _differs(got, expected):
+            out.append(f"protocol.{key}={got}")
+    segmenter = row.get("segmenter_settings") or {}
+    wanted = {**(cell.method.segmenter or {}), **cell.method.per_dataset.get(cell.dataset, {})}
+    for key, expected in wanted.items():
+        if _differs(segmenter.get(key), expected):
+            out.append(f"segmenter.{key}={segmenter.get(key)}")
+    return out
+
+
+def deviations(row: Mapping[str, Any]) -> list[str]:
+    """What keeps a (parsed) ledger row out of a published cell; empty for a comparable run."""
+    if _int(row.get("ledger_version")) is None or int(row["ledger_version"]) < 2:
+        return ["ledger_version 1: written before every setting was recorded; run it again"]
+    cell = target(row)
+    if cell is None:
+        protocol, compat, segmenter, dataset = _identity(row)
+        rules = "[compat]" if compat else ""
+        return [f"{NO_CELL} for protocol={protocol}{rules} segmenter={segmenter} dataset={dataset}"]
+    return cell_deviations(row, cell)
