@@ -98,8 +98,8 @@ def encode_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """A results row ready for CSV: the JSON columns encoded, the version set."""
     out = {"ledger_version": LEDGER_VERSION, **row}
     for column in JSON_COLUMNS:
-        if column in out:
-            out[column] = json.dumps(out[column], sort_keys=True)
+        if column in out:  # None (not applicable) stays an empty cell
+            out[column] = "" if out[column] is None else json.dumps(out[column], sort_keys=True)
     return out
 
 
@@ -110,6 +110,11 @@ def check_writable(path: str | os.PathLike) -> None:
     folder = path.parent
     while not folder.exists():  # the ledger's folder is made on the first append
         folder = folder.parent
+    if not folder.is_dir():
+        raise LedgerError(
+            f"ledger {path}: {folder} is not a folder, so the ledger cannot be written there; "
+            "pass paths.ledger=WRITABLE_PATH"
+        )
     target = path if path.exists() else folder
     if not os.access(target, os.W_OK):
         raise LedgerError(
@@ -157,7 +162,9 @@ def append_run(run_dir: str | os.PathLike, ledger: str | os.PathLike) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.ledger", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.ledger", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("append", help="append a finished run's results.csv to the ledger")
     add.add_argument("run_dir", help="the run's folder (holds results.csv)")

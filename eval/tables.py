@@ -253,8 +253,11 @@ def _other_runs_markdown(table: paper.Table, rows: Sequence[Mapping[str, Any]]) 
     others = other_runs(table, rows)
     if not others:
         return ""
-    lines = [f"- `{o['run_id']}` {o['method']}, {o['dataset']} [{o['column']}]: {o['scores']}; "
-             f"not comparable: {o['deviations']}" for o in others]
+    lines = [
+        f"- `{o['run_id']}` {o['method']}, {o['dataset']} [{o['column']}]: {o['scores']}; "
+        f"not comparable: {o['deviations']}"
+        for o in others
+    ]
     return "\nOther runs (listed, never in a cell):\n\n" + "\n".join(lines) + "\n"
 
 

@@ -11,13 +11,13 @@ import torch
 
 from diffseg.pipeline import DiffSegPipeline
 from diffseg.reference import realistic_attention
+from eval.atomic import read_csv_rows
 from eval.attention_cache import (
     AttentionCache,
     CachedAttentionPipeline,
     bytes_per_image,
     image_hash,
 )
-from eval.atomic import read_csv_rows
 from tests.helpers import run_module
 
 RES = 64

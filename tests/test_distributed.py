@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from diffseg.pipeline import DiffSegPipeline
+from eval.atomic import read_csv_rows, read_jsonl
 from eval.datasets import get_dataset
 from eval.distributed import merge_rank_files, read_records, shard
-from eval.atomic import read_csv_rows, read_jsonl
 from eval.metrics import HungarianIoU
 from tests.helpers import offline_env
 

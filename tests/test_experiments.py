@@ -6,6 +6,7 @@ SLURM launcher config composes (not launched: no cluster here)."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ SWEEPS = {
     "extra_datasets": {"dataset"},
     "table1_kmeans": {"dataset", "segmenter"},
     "optuna_search": {"kl", "segmenter.timestep", "segmenter.num_points"},
+    "diffcut_diffseg": {"dataset"},
 }
 TABLES_CMD = (sys.executable, "-m", "eval.tables")
 TINY = (
@@ -157,8 +159,8 @@ def test_two_point_sweep_writes_two_rows_and_a_plot(multiruns: Path) -> None:
     ledger = multiruns / "sweep" / "ledger.csv"
     rows = ledger_rows(ledger)
     assert [(r["experiment"], r["model"], r["kl_threshold"], r["num_points"]) for r in rows] == [
-        ("ablation_kl", "tiny", "0.5,0.5,0.5", "4"),
-        ("ablation_kl", "tiny", "1.5,1.5,1.5", "4"),
+        ("ablation_kl", "tiny", "[0.5, 0.5, 0.5]", "4"),
+        ("ablation_kl", "tiny", "[1.5, 1.5, 1.5]", "4"),
     ]
     out = multiruns / "plots"
     done = subprocess.run(
@@ -173,8 +175,8 @@ def test_two_point_sweep_writes_two_rows_and_a_plot(multiruns: Path) -> None:
         assert png.format == "PNG" and png.width > 100
     points = ledger_rows(out / "sweep_ablation_kl_kl_threshold.csv")
     assert [(p["dataset"], p["kl_threshold"]) for p in points] == [
-        ("synthetic", "0.5,0.5,0.5"),
-        ("synthetic", "1.5,1.5,1.5"),
+        ("synthetic", "[0.5, 0.5, 0.5]"),
+        ("synthetic", "[1.5, 1.5, 1.5]"),
     ]
 
 
@@ -183,7 +185,7 @@ def test_optuna_runs_two_trials_maximising_the_returned_miou(multiruns: Path) ->
     assert len(rows) == 2 and {r["experiment"] for r in rows} == {"optuna_search"}
     assert {r["num_points"] for r in rows} <= {"2", "4"}
     for row in rows:
-        kl = row["kl_threshold"].split(",")
+        kl = json.loads(row["kl_threshold"])
         assert len(kl) == 3 and len(set(kl)) == 1 and 0.5 <= float(kl[0]) <= 1.5
         assert 50 <= int(row["timestep"]) <= 900
     result = yaml.safe_load((multiruns / "optuna" / "sweep" / "optimization_results.yaml").open())

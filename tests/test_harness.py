@@ -25,9 +25,9 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
+from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.datasets import get_dataset
-from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
 from eval.ledger import append as append_ledger
 from eval.logging import wandb_mode
 from eval.matching import match_per_image
@@ -109,9 +109,11 @@ def test_run_writes_every_output_with_its_columns(reference: Path) -> None:
         "diffseg",
     )
     assert (row["n_images"], row["resolution"], row["num_points"]) == (str(LIMIT), str(RES), "8")
-    assert row["kl_threshold"] == "1.1,1.1,1.1" and row["timestep"] == "300"
-    assert row["weights"] == "proportional" and row["refine"] == "False"
-    assert row["run_dir"] == str(run.resolve()) and "torch=" in row["versions"]
+    assert json.loads(row["kl_threshold"]) == [1.1, 1.1, 1.1] and row["timestep"] == "300"
+    assert row["weights"] == "" and row["refine"] == "False"  # "": proportional (null)
+    assert row["run_dir"] == str(run.resolve()) and "torch" in json.loads(row["versions"])
+    assert (row["ledger_version"], row["dtype"], row["n_skipped"]) == ("2", "float32", "0")
+    assert row["deviations"].startswith("no published cell")
 
     dataset = get_dataset("synthetic", resolution=RES)
     columns, per_class = csv_rows(run / "per_class.csv")

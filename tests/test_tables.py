@@ -255,7 +255,9 @@ def test_rows_without_a_cell_and_old_ledger_rows_fill_nothing(tmp_path):
     text = render_tables(old, ["table1"])["table1"][".md"]
     assert "| DiffSeg | COCO-Stuff-27 | 72.5 | not run |" in text
     (line,) = explain(read_ledger(old))
-    assert line.endswith("is not comparable: ledger_version 1: written before every setting was recorded; run it again")
+    assert line.endswith(
+        "is not comparable: ledger_version 1: written before every setting was recorded; run it again"
+    )
 
 
 def test_empty_directory_prints_the_published_tables(tmp_path, capsys, monkeypatch):
