@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 VERSION_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "scipy", "simplejpeg")
-# Dataset keys that say where files are or how to fetch them, not what is computed from them;
-# kl_threshold is the segmenter's (recorded in segmenter_settings).
-_NOT_DATASET_SETTINGS = ("root", "sources", "manual_steps", "kl_threshold")
+# Dataset keys that say where files are or how to fetch them, not what is computed from them.
+_NOT_DATASET_SETTINGS = ("root", "sources", "manual_steps")
 
 
 def versions() -> dict[str, str]:

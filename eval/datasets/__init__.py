@@ -29,9 +29,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "coco_object": coco_object,
     "synthetic": synthetic,
 }
-# Keys of conf/dataset/*.yaml that are not loader options: eval.prepare's, and the dataset's
-# default merging threshold (read by conf/segmenter).
-CONFIG_ONLY_KEYS = ("name", "sources", "manual_steps", "kl_threshold")
+# Keys of conf/dataset/*.yaml that are not loader options: eval.prepare's.
+CONFIG_ONLY_KEYS = ("name", "sources", "manual_steps")
 FILE_OPTIONS = ("on_error", "antialias", "keep_size")
 # Options of one dataset only.
 DATASET_OPTIONS = {"pascal_context59": ("background",)}
@@ -55,7 +54,7 @@ def get_dataset(
     ``options``: ``on_error`` ("raise" or "skip"), ``antialias`` (image resize, default False as
     the official TF2 resize), ``keep_size`` (no crop or resize); the synthetic dataset takes
     ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead.  Config keys
-    that are not loader options (``sources``, ``manual_steps``, ``kl_threshold``) are accepted
+    that are not loader options (``sources``, ``manual_steps``) are accepted
     and ignored, so a whole ``cfg.dataset`` can be passed.
 
     ``cache=True`` reads the preprocessed Arrow cache under ``ROOT/.cache`` (built first when
