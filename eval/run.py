@@ -59,7 +59,7 @@ from eval.segmenters import segment_batch, segmenter_call
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
 # do not change the labels.)
 PINNED_KEYS = ("protocol", "seed", "limit", "model", "segmenter")
-UNPINNED_DATASET_KEYS = ("root", "sources", "manual_steps")
+UNPINNED_DATASET_KEYS = ("root", "cache_dir", "sources", "manual_steps")
 VERSION_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "scipy")
 
 
