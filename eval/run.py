@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from eval import attention_cache, distributed, visualize
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
+from eval.datasets.base import DataFileError
 from eval.logging import (
     JsonlAppender,
     append_ledger,
@@ -215,7 +216,10 @@ def _now() -> str:
 
 
 class _Indexed(Dataset):
-    """``(index, item)`` pairs of ``dataset`` at ``indices``; the item may be None (skipped file)."""
+    """``(index, item)`` pairs of ``dataset`` at ``indices``; the item may be None (skipped file)
+    or the :class:`DataFileError` of a bad file, returned for ``_loop`` to raise: raised in a
+    DataLoader worker, torch would re-raise it wrapped in the worker's traceback text instead of
+    its one-line message naming the file."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -223,12 +227,17 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[int, dict | None]:
-        return self.indices[k], self.dataset[self.indices[k]]
+    def __getitem__(self, k: int) -> tuple[int, dict | DataFileError | None]:
+        index = self.indices[k]
+        try:
+            return index, self.dataset[index]
+        except DataFileError as e:
+            return index, e
 
 
-def _collate(batch: Sequence[tuple[int, dict | None]]) -> dict[str, Any]:
-    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices.
+def _collate(batch: Sequence[tuple[int, dict | DataFileError | None]]) -> dict[str, Any]:
+    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices
+    and the first :class:`DataFileError` (``error``, else None).
 
     ``images``: when the images share a size they are moved out of the items into one stack
     ``(B, 3, H, W)`` (else None). Stacking here, in the loader's workers, lets ``pin_memory`` pin
@@ -236,13 +245,15 @@ def _collate(batch: Sequence[tuple[int, dict | None]]) -> dict[str, Any]:
     copying) them keeps each image from crossing to the main process and being pinned twice.
     ``_restore_images`` puts views of the stack back into the items.
     """
-    items = [item for _, item in batch if item is not None]
+    items = [item for _, item in batch if isinstance(item, dict)]
+    errors = [item for _, item in batch if isinstance(item, DataFileError)]
     same_size = len({tuple(it["image"].shape) for it in items}) == 1
     return {
-        "index": [i for i, item in batch if item is not None],
+        "index": [i for i, item in batch if isinstance(item, dict)],
         "items": items,
         "images": torch.stack([it.pop("image") for it in items]) if same_size else None,
         "skipped": [i for i, item in batch if item is None],
+        "error": errors[0] if errors else None,
     }
 
 
@@ -410,6 +421,8 @@ def _loop(
     try:
         start = time.perf_counter()
         for batch in loader:
+            if batch["error"] is not None:
+                raise batch["error"]
             _restore_images(batch)
             new = [{"index": i, "skipped": True} for i in batch["skipped"]]
             if batch["items"]:
