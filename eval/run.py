@@ -289,9 +289,7 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
     )
     print(f"  pictures:    per_class_iou.png, qualitative/ ({out.n_pictures} images)")
     if save_predictions:
-        print(
-            "  predictions: predictions/ (label PNGs: 8-bit grey, 16-bit when a label exceeds 255)"
-        )
+        print("  predictions: predictions/ (label PNGs: 8-bit palette, 16-bit grey above 255)")
     state = "row added" if out.ledger_added else "row already there, not added again"
     print(f"Ledger: {out.ledger} ({state})")
 
@@ -352,10 +350,14 @@ def _score_item(
 
 
 def _save_qualitative(
-    index: int, item: Mapping[str, Any], pred: torch.Tensor, n_class: int, run_dir: Path
+    index: int,
+    item: Mapping[str, Any],
+    pred: torch.Tensor,
+    class_names: Sequence[str],
+    run_dir: Path,
 ) -> None:
     path = run_dir / "qualitative" / f"{_safe_name(index, item['id'])}.png"
-    visualize.save_comparison(item["image"], item["label"], pred, path, n_class, item["id"])
+    visualize.save_comparison(item["image"], item["label"], pred, path, class_names, item["id"])
 
 
 def _predict(
@@ -444,7 +446,7 @@ def _loop(
                     rec["seconds"] = seconds
                 for index, item, pred in zip(batch["index"], batch["items"], preds, strict=True):
                     if index < cfg.n_qualitative:
-                        _save_qualitative(index, item, pred, dataset.n_class, run_dir)
+                        _save_qualitative(index, item, pred, dataset.class_names, run_dir)
                 for rec in scored:  # the counts the matching just made, not a second matching
                     metric.update(counts=rec)
                 new += scored

@@ -425,18 +425,6 @@ def test_find_edges_marks_pixels_next_to_another_label() -> None:
     assert np.array_equal(edges, expected)
 
 
-def test_label_png_bit_depth_and_values(tmp_path: Path) -> None:
-    small = torch.arange(12).reshape(3, 4) * 20
-    assert save_label_png(small, tmp_path / "a.png") == "8-bit"
-    im = Image.open(tmp_path / "a.png")
-    assert im.mode == "L" and np.array_equal(np.asarray(im), small.numpy())
-    big = small * 30
-    assert save_label_png(big, tmp_path / "b.png") == "16-bit"
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")).astype(np.int64), big.numpy())
-    with pytest.raises(ValueError, match="labels"):
-        save_label_png(-small, tmp_path / "c.png")
-
-
 def test_collate_stacks_same_size_images_and_keeps_skipped_indices() -> None:
     a, b = torch.rand(3, 8, 8), torch.rand(3, 8, 8)
     batch = _collate([(4, {"image": a}), (5, None), (6, {"image": b})])
