@@ -95,10 +95,32 @@ def match_per_image(
         ``(tp, fp, fn, total)``: int64 arrays ``(n_class,)`` and the number of labelled pixels.
     """
     hist = confusion_histogram(pred, label, n_class)
-    rows, cols = linear_sum_assignment(hist, maximize=True)
-    # With n_class <= n_col every class is assigned, in row order.
-    assert np.array_equal(rows, np.arange(n_class))
-    tp = hist[rows, cols]
+    cols = _assign(hist)
+    tp = hist[np.arange(n_class), cols]
     fn = hist.sum(axis=1) - tp
     fp = hist[:, cols].sum(axis=0) - tp
     return tp, fp, fn, int(hist.sum())
+
+
+def _assign(hist: np.ndarray) -> np.ndarray:
+    """The cluster matched to each class (row) of ``hist``, maximising the matched pixels."""
+    rows, cols = linear_sum_assignment(hist, maximize=True)
+    # With n_class <= n_col every class is assigned, in row order.
+    assert np.array_equal(rows, np.arange(hist.shape[0]))
+    return cols
+
+
+def matched_classes(pred: ArrayLike, label: ArrayLike, n_class: int) -> np.ndarray:
+    """The class each segment id is matched to by :func:`match_per_image`'s assignment, -1 for
+    a segment matched to no class or to one it shares no pixel with (for pictures).
+
+    Returns:
+        int64 ``(max(n_class, pred.max() + 1),)``, indexable by every segment id of ``pred``.
+    """
+    hist = confusion_histogram(pred, label, n_class)
+    cols = _assign(hist)
+    classes = np.arange(n_class)
+    hit = hist[classes, cols] > 0
+    out = np.full(hist.shape[1], -1, dtype=np.int64)
+    out[cols[hit]] = classes[hit]
+    return out

@@ -118,7 +118,10 @@ def prepare(
     report.n_images = len(data)
     echo(f"{name} ({options.get('split')}): {len(data)} images ready in {root}")
     if options.get("cache"):
-        echo(f"{name}: preprocessed cache ready under {root / '.cache'}")
+        from eval.datasets.cache import cache_root
+
+        where = cache_root(name, root, options.get("cache_dir"))
+        echo(f"{name}: preprocessed cache ready under {where}")
     return report
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 VERSION_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "scipy", "simplejpeg")
 # Dataset keys that say where files are or how to fetch them, not what is computed from them.
-_NOT_DATASET_SETTINGS = ("root", "sources", "manual_steps")
+_NOT_DATASET_SETTINGS = ("root", "cache_dir", "sources", "manual_steps")
 
 
 def versions() -> dict[str, str]:

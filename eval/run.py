@@ -41,6 +41,7 @@ from eval.atomic import (
     write_text_atomic,
 )
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
+from eval.datasets.base import DataFileError
 from eval.matching import match_per_image
 from eval.metrics import HungarianIoU, scores_from_counts
 from eval.protocol import (
@@ -57,7 +58,7 @@ from eval.segmenters import segment_batch, segmenter_call
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
 # do not change the labels.)
 PINNED_KEYS = ("protocol", "seed", "limit", "model", "segmenter")
-UNPINNED_DATASET_KEYS = ("root", "sources", "manual_steps")
+UNPINNED_DATASET_KEYS = ("root", "cache_dir", "sources", "manual_steps")
 
 
 class RunError(RuntimeError):
@@ -195,7 +196,10 @@ def _now() -> str:
 
 
 class _Indexed(Dataset):
-    """``(index, item)`` pairs of ``dataset`` at ``indices``; the item may be None (skipped file)."""
+    """``(index, item)`` pairs of ``dataset`` at ``indices``; the item may be None (skipped file)
+    or the :class:`DataFileError` of a bad file, returned for ``_loop`` to raise: raised in a
+    DataLoader worker, torch would re-raise it wrapped in the worker's traceback text instead of
+    its one-line message naming the file."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -203,12 +207,17 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[int, dict | None]:
-        return self.indices[k], self.dataset[self.indices[k]]
+    def __getitem__(self, k: int) -> tuple[int, dict | DataFileError | None]:
+        index = self.indices[k]
+        try:
+            return index, self.dataset[index]
+        except DataFileError as e:
+            return index, e
 
 
-def _collate(batch: Sequence[tuple[int, dict | None]]) -> dict[str, Any]:
-    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices.
+def _collate(batch: Sequence[tuple[int, dict | DataFileError | None]]) -> dict[str, Any]:
+    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices
+    and the first :class:`DataFileError` (``error``, else None).
 
     ``images``: when the images share a size they are moved out of the items into one stack
     ``(B, 3, H, W)`` (else None). Stacking here, in the loader's workers, lets ``pin_memory`` pin
@@ -216,13 +225,15 @@ def _collate(batch: Sequence[tuple[int, dict | None]]) -> dict[str, Any]:
     copying) them keeps each image from crossing to the main process and being pinned twice.
     ``_restore_images`` puts views of the stack back into the items.
     """
-    items = [item for _, item in batch if item is not None]
+    items = [item for _, item in batch if isinstance(item, dict)]
+    errors = [item for _, item in batch if isinstance(item, DataFileError)]
     same_size = len({tuple(it["image"].shape) for it in items}) == 1
     return {
-        "index": [i for i, item in batch if item is not None],
+        "index": [i for i, item in batch if isinstance(item, dict)],
         "items": items,
         "images": torch.stack([it.pop("image") for it in items]) if same_size else None,
         "skipped": [i for i, item in batch if item is None],
+        "error": errors[0] if errors else None,
     }
 
 
@@ -269,9 +280,7 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
     )
     print(f"  pictures:    per_class_iou.png, qualitative/ ({out.n_pictures} images)")
     if save_predictions:
-        print(
-            "  predictions: predictions/ (label PNGs: 8-bit grey, 16-bit when a label exceeds 255)"
-        )
+        print("  predictions: predictions/ (label PNGs: 8-bit palette, 16-bit grey above 255)")
     state = "row added" if out.ledger_added else "row already there, not added again"
     print(f"Ledger: {out.ledger} ({state})")
 
@@ -338,10 +347,14 @@ def _score_item(
 
 
 def _save_qualitative(
-    index: int, item: Mapping[str, Any], pred: torch.Tensor, n_class: int, run_dir: Path
+    index: int,
+    item: Mapping[str, Any],
+    pred: torch.Tensor,
+    class_names: Sequence[str],
+    run_dir: Path,
 ) -> None:
     path = run_dir / "qualitative" / f"{_safe_name(index, item['id'])}.png"
-    visualize.save_comparison(item["image"], item["label"], pred, path, n_class, item["id"])
+    visualize.save_comparison(item["image"], item["label"], pred, path, class_names, item["id"])
 
 
 def _predict(
@@ -407,6 +420,8 @@ def _loop(
     try:
         start = time.perf_counter()
         for batch in loader:
+            if batch["error"] is not None:
+                raise batch["error"]
             _restore_images(batch)
             new = [
                 {"index": i, "skipped": True, "id": _item_id(dataset, i)} for i in batch["skipped"]
@@ -430,7 +445,7 @@ def _loop(
                     rec["seconds"] = seconds
                 for index, item, pred in zip(batch["index"], batch["items"], preds, strict=True):
                     if index < cfg.n_qualitative:
-                        _save_qualitative(index, item, pred, dataset.n_class, run_dir)
+                        _save_qualitative(index, item, pred, dataset.class_names, run_dir)
                 for rec in scored:  # the counts the matching just made, not a second matching
                     metric.update(counts=rec)
                 new += scored

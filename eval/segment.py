@@ -3,22 +3,29 @@
 Segments any images with DiffSeg and writes, per image, into the run directory
 (``outputs/segment/<time>_<model>/`` unless ``hydra.run.dir=...``):
 
-- ``<name>_labels.png``: the label map at ``resolution`` (pixel value = segment id, 0..K-1), 8-bit
-  grey when K <= 256, else 16-bit grey;
+- ``<name>_labels.png``: the label map at ``resolution`` (pixel value = segment id, 0..K-1), an
+  8-bit palette PNG (colours for viewers, ids for ``np.array(Image.open(...))``) when K <= 256,
+  else 16-bit grey;
 - ``<name>_segments.png``: the centre-cropped, resized image beside the segments overlaid on it,
   with their boundaries;
 
 and prints the number of segments of each image. Images are centre-cropped to a square and resized
 exactly as the benchmark datasets are (``eval.datasets.base``).
+
+Every input is read before the model loads. A file named on the command line that is not a
+readable image stops the command (exit status 1); an unreadable image found in a folder is
+skipped with a warning and listed at the end, and the command succeeds if any image was segmented
+(exit status 1 only when none could be read).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from eval.__main__ import CONFIG_DIR, fail
 
@@ -30,6 +37,7 @@ _FLAGS_WITH_VALUE = {
 }  # fmt: skip
 
 _images: list[Path] = []
+_named: set[Path] = set()
 
 
 def split_argv(argv: list[str]) -> tuple[list[Path], list[str]]:
@@ -75,11 +83,49 @@ def list_images(paths: list[Path]) -> list[Path]:
     return images
 
 
-def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]]:
+def group_options(*groups: str) -> str:
+    """``"group: option, option"`` lines of the config groups under ``conf/`` (for ``--help``)."""
+    conf = Path(CONFIG_DIR)
+    return "\n".join(
+        f"{g}: {', '.join(sorted(p.stem for p in (conf / g).glob('*.yaml')))}" for g in groups
+    )
+
+
+def readable_images(images: list[Path], named: Collection[Path]) -> tuple[list[Path], list[str]]:
+    """The ``images`` that decode, and a message for each skipped one (checked before any model
+    loads, so a bad input costs no model load).
+
+    Raises:
+        DataFileError: one of the ``named`` files (given on the command line, not found in a
+            folder) does not decode (all of them named), or no image does.
+    """
+    from eval.datasets.base import DataFileError, read_image
+
+    good, bad_named, skipped = [], [], []
+    for path in images:
+        try:
+            read_image(path)
+            good.append(path)
+        except DataFileError as e:
+            (bad_named if path in named else skipped).append(str(e))
+    if bad_named:
+        raise DataFileError("; ".join(bad_named) + " (give image files or folders of images)")
+    if not good:
+        raise DataFileError(f"none of the {len(images)} images could be read: {'; '.join(skipped)}")
+    for message in skipped:
+        print(f"warning: {message}; skipped", file=sys.stderr)
+    return good, skipped
+
+
+def segment_images(
+    cfg: DictConfig, images: list[Path], named: Collection[Path] = ()
+) -> list[tuple[Path, int]]:
     """Segment ``images`` one by one; write their label maps and pictures to the run directory.
+    Unreadable images are skipped with a warning, except the ``named`` ones, which are an error
+    (see :func:`readable_images`).
 
     Returns:
-        ``(image path, number of segments)`` per image.
+        ``(image path, number of segments)`` per segmented image.
     """
     import torch
     from hydra.core.hydra_config import HydraConfig
@@ -90,6 +136,7 @@ def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]
     from eval.run import resolve_device, seed_everything
     from eval.segmenters import GT, segment_batch, segmenter_call
 
+    images, skipped = readable_images(images, named)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -111,24 +158,26 @@ def segment_images(cfg: DictConfig, images: list[Path]) -> list[tuple[Path, int]
             name += "_"
         used.add(name)
         labels = segment_batch(pipeline, image[None], [{"id": name}], call)[0].cpu()
-        depth = visualize.save_label_png(labels, out_dir / f"{name}_labels.png")
+        kind = visualize.save_label_png(labels, out_dir / f"{name}_labels.png")
         visualize.save_segmentation(
             visualize.to_uint8_image(image), labels, out_dir / f"{name}_segments.png"
         )
         n = int(torch.unique(labels).numel())
         print(
-            f"{path}: {visualize.segments_text(n)} -> {name}_labels.png ({depth} grey), "
+            f"{path}: {visualize.segments_text(n)} -> {name}_labels.png ({kind}), "
             f"{name}_segments.png"
         )
         results.append((path, n))
     print(f"Outputs in {out_dir}")
+    if skipped:
+        print(f"Skipped {len(skipped)} unreadable file(s):", *skipped, sep="\n  ", file=sys.stderr)
     return results
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="segment", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        segment_images(cfg, _images)
+        segment_images(cfg, _images, _named)
     except Exception as e:
         fail(e)
 
@@ -146,6 +195,9 @@ def main() -> None:
         print(__doc__, file=sys.stderr)
         fail(ValueError("give at least one image file or folder"))
     _images[:] = images
+    _named.update(p for p in paths if not p.is_dir())
+    # conf/segment.yaml's help template lists the groups it composes through this resolver.
+    OmegaConf.register_new_resolver("segment_groups", group_options, replace=True)
     sys.argv = [sys.argv[0], *hydra_args]
     _hydra_main()
 

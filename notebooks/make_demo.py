@@ -57,7 +57,7 @@ item = scenes[0]
 fig, axes = plt.subplots(1, 2, figsize=(6, 3))
 axes[0].imshow(item["image"].permute(1, 2, 0))
 axes[0].set_title(item["id"])
-axes[1].imshow(colorize(item["label"], scenes.n_class))
+axes[1].imshow(colorize(item["label"]))
 axes[1].set_title("ground truth")
 for ax in axes:
     ax.axis("off")

@@ -165,6 +165,23 @@ def test_split_by_node_covers_each_image_once(tmp_path):
         cached.shard(2, 2)
 
 
+def test_unwritable_root_names_cache_dir_which_moves_the_cache(tmp_path):
+    root = tmp_path / "data"
+    _cityscapes(root, n=2)
+    # ROOT/.cache cannot be created, as on a read-only root (chmod is no test when run as root).
+    (root / ".cache").write_text("")
+    with pytest.raises(OSError, match=r"data/\.cache .*set dataset\.cache_dir=WRITABLE_PATH"):
+        get_dataset("cityscapes", root, resolution=12, cache=True)
+    elsewhere = tmp_path / "scratch" / "caches"
+    cached = get_dataset("cityscapes", root, resolution=12, cache=True, cache_dir=elsewhere)
+    assert_same(_items(cached), _items(get_dataset("cityscapes", root, resolution=12)))
+    (name,) = [p.name for p in elsewhere.iterdir() if p.is_dir()]
+    assert name.startswith("cityscapes-val-12-") and (root / ".cache").is_file()
+    # No root at all: the cache directory alone is enough.
+    synth = get_dataset("synthetic", None, cache=True, cache_dir=elsewhere, resolution=8, length=2)
+    assert_same(_items(synth), _items(SyntheticScenes(resolution=8, length=2)))
+
+
 def test_keep_size_cannot_be_cached(tmp_path):
     _cityscapes(tmp_path, n=1)
     with pytest.raises(ValueError, match="keep_size"):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from eval.datasets import DataFileError, SplitSizeWarning, collate, get_dataset
+from eval.datasets.base import read_image
 from eval.datasets.classes import (
     COCO_OBJECT_CLASSES,
     COCO_STUFF27_CLASSES,
@@ -186,6 +187,37 @@ def test_cityscapes_every_label_id_and_crop(tmp_path):
     # Crop offsets (h - c) // 2, (w - c) // 2: columns 3..12 of the 10x16 map.
     same = get_dataset("cityscapes", tmp_path, resolution=10)[0]["label"].numpy()
     np.testing.assert_array_equal(same, want[:, 3:13])
+
+
+def test_cityscapes_undefined_label_id_is_refused_or_skipped(tmp_path):
+    """labelIds are 0..33 (255: -1 as a byte); 200 is no id, not a void pixel to ignore."""
+    fx.make_cityscapes(
+        tmp_path,
+        {("aachen", "aachen_000000_000019"): fx.grid_label([7, 200, 34], 4, 6),
+         ("bonn", "bonn_000000_000019"): fx.grid_label([7, 255], 4, 6)},
+    )  # fmt: skip
+    ds = get_dataset("cityscapes", tmp_path, resolution=4)
+    with pytest.raises(
+        DataFileError, match=r"aachen_000000_000019_gtFine_labelIds\.png.*\[34, 200\]"
+    ):
+        ds[0]
+    ds = get_dataset("cityscapes", tmp_path, resolution=4, on_error="skip")
+    with pytest.warns(UserWarning, match="skipped.*aachen_000000_000019"):
+        batch = collate([ds[0], ds[1]])
+    assert batch["n_skipped"] == 1 and ds.skipped == 1 and batch["id"] == ["bonn_000000_000019"]
+
+
+def test_16_bit_image_keeps_its_range_and_32_bit_is_refused(tmp_path):
+    ramp = (np.arange(6 * 8).reshape(6, 8) * 1365).astype(np.uint16)  # 0 .. 64155
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    got = read_image(tmp_path / "grey16.png")
+    assert got.shape == (6, 8, 3) and got.dtype == np.uint8
+    # The high byte, as Pillow decodes 16-bit colour PNGs; clipping at 255 made it nearly white.
+    np.testing.assert_array_equal(got, np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, -1))
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(DataFileError, match=r"wide\.tif.*mode 'I'"):
+        read_image(tmp_path / "wide.tif")
 
 
 def test_antialias_option_changes_image_only_when_downscaling(tmp_path):

@@ -24,10 +24,11 @@ import pytest
 import torch
 from filelock import FileLock
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
-from eval.datasets import get_dataset
+from eval.datasets import DataFileError, get_dataset
 from eval.ledger import append as append_ledger
 from eval.logging import wandb_mode
 from eval.matching import match_per_image
@@ -35,12 +36,14 @@ from eval.run import (
     RunError,
     _check_config,
     _collate,
+    _Indexed,
     _predict,
     _restore_images,
     open_run_state,
     resolve_device,
 )
 from eval.visualize import find_edges, save_label_png
+from tests import fixtures as fx
 from tests.helpers import offline_env, run_module
 
 RES = 64
@@ -290,6 +293,19 @@ def test_missing_dataset_gives_the_loader_message_and_no_ledger_row(tmp_path: Pa
     assert not (tmp_path / "ledger.csv").exists() and not (tmp_path / "run" / "run.json").exists()
 
 
+@pytest.mark.slow
+def test_bad_file_read_by_a_loader_worker_is_one_line_naming_it(tmp_path: Path) -> None:
+    fx.make_voc(tmp_path / "voc", {"bad": fx.grid_label([1], 8, 8), "ok": fx.grid_label([1], 8, 8)})
+    jpg = tmp_path / "voc/VOCdevkit/VOC2012/JPEGImages/bad.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:100])
+    args = eval_args(tmp_path, "run", "dataset=voc", f"dataset.root={tmp_path / 'voc'}")
+    out = run_eval(tmp_path, *args, "num_workers=2", "logger=csv")
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: DataFileError: cannot read image {jpg}: Truncated File Read"]
+    assert "Traceback" not in out.stderr and "worker" not in out.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks, in process
 
@@ -413,18 +429,6 @@ def test_find_edges_marks_pixels_next_to_another_label() -> None:
     assert np.array_equal(edges, expected)
 
 
-def test_label_png_bit_depth_and_values(tmp_path: Path) -> None:
-    small = torch.arange(12).reshape(3, 4) * 20
-    assert save_label_png(small, tmp_path / "a.png") == "8-bit"
-    im = Image.open(tmp_path / "a.png")
-    assert im.mode == "L" and np.array_equal(np.asarray(im), small.numpy())
-    big = small * 30
-    assert save_label_png(big, tmp_path / "b.png") == "16-bit"
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")).astype(np.int64), big.numpy())
-    with pytest.raises(ValueError, match="labels"):
-        save_label_png(-small, tmp_path / "c.png")
-
-
 def test_collate_stacks_same_size_images_and_keeps_skipped_indices() -> None:
     a, b = torch.rand(3, 8, 8), torch.rand(3, 8, 8)
     batch = _collate([(4, {"image": a}), (5, None), (6, {"image": b})])
@@ -438,6 +442,21 @@ def test_collate_stacks_same_size_images_and_keeps_skipped_indices() -> None:
     mixed = _collate([(0, {"image": a}), (1, {"image": torch.rand(3, 8, 10)})])
     assert mixed["images"] is None and len(mixed["items"]) == 2
     assert _collate([(0, None)])["images"] is None
+
+
+@pytest.mark.filterwarnings("ignore::eval.datasets.SplitSizeWarning")
+def test_loader_worker_hands_the_data_error_itself_to_the_main_process(tmp_path: Path) -> None:
+    """Raised in a worker, torch re-raises it as "Caught DataFileError in DataLoader worker
+    process 0. Original Traceback ..."; the loop raises the original, one line naming the file."""
+    fx.make_voc(tmp_path, {"ok": fx.grid_label([1], 8, 8), "bad": fx.grid_label([1], 8, 8)})
+    jpg = tmp_path / "VOCdevkit/VOC2012/JPEGImages/bad.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:100])
+    data = get_dataset("voc", tmp_path, resolution=8)
+    loader = DataLoader(_Indexed(data, [0, 1]), batch_size=1, num_workers=2, collate_fn=_collate)
+    first, second = list(loader)
+    assert first["error"] is None and first["index"] == [0]
+    assert isinstance(second["error"], DataFileError) and second["items"] == []
+    assert str(second["error"]) == f"cannot read image {jpg}: Truncated File Read"
 
 
 def test_predict_batched_on_the_stack_equals_one_call_per_image() -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.segment import split_argv
+from eval.datasets import DataFileError
+from eval.segment import group_options, list_images, readable_images, split_argv
 from tests.helpers import run_module
 
 
@@ -40,10 +41,10 @@ def test_segment_writes_label_map_and_picture_for_files_and_folders(tmp_path: Pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("wide", "tall"):
         labels = Image.open(out_dir / f"{name}_labels.png")
-        assert labels.mode == "L" and labels.size == (64, 64)
+        assert labels.mode == "P" and labels.size == (64, 64)
         values = np.unique(np.asarray(labels))
         match = re.search(
-            rf"{name}\.\w+: (\d+) segments? -> {name}_labels\.png \(8-bit grey\)", proc.stdout
+            rf"{name}\.\w+: (\d+) segments? -> {name}_labels\.png \(8-bit palette\)", proc.stdout
         )
         assert match, proc.stdout
         assert len(values) == int(match.group(1))
@@ -76,3 +77,60 @@ def test_segment_runs_the_kmeans_baseline_and_refuses_ground_truth_counts(tmp_pa
     proc = _run_segment(tmp_path, *common, "segmenter=kmeans_s")
     assert proc.returncode != 0
     assert "ground truth" in proc.stdout + proc.stderr
+
+
+def test_help_lists_only_the_groups_segment_accepts(tmp_path: Path) -> None:
+    proc = run_module("eval.segment", tmp_path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    groups = {
+        line.split(":")[0] for line in proc.stdout.splitlines() if ": " in line and "," in line
+    }
+    assert groups == {"model", "segmenter"}, proc.stdout
+    assert group_options("model") == "model: sd14, sd15, sd21base, tiny"
+
+
+def _broken(path: Path) -> None:
+    _scene(path, (32, 32), seed=3)
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def test_unreadable_images_skipped_in_folders_refused_when_named(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _scene(folder / "a.png", (32, 32), seed=0)
+    _broken(folder / "b.jpg")
+    _scene(folder / "c.png", (32, 32), seed=1)
+    images = list_images([folder])
+    good, skipped = readable_images(images, named=())
+    assert good == [folder / "a.png", folder / "c.png"]
+    assert len(skipped) == 1 and str(folder / "b.jpg") in skipped[0]
+    assert f"warning: cannot read image {folder / 'b.jpg'}" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not an image")
+    named = [tmp_path / "notes.txt", folder / "b.jpg", folder / "a.png"]
+    with pytest.raises(DataFileError, match=r"notes\.txt.*b\.jpg"):
+        readable_images(named, named=named)
+    with pytest.raises(DataFileError, match=r"none of the 1 images.*b\.jpg"):
+        readable_images([folder / "b.jpg"], named=())
+
+
+def test_non_image_argument_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    # sd14 is not available offline: had the model loaded first, the error would be about it.
+    proc = _run_segment(tmp_path, "notes.txt", "model=sd14")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "cannot read image notes.txt" in errors[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_folder_with_an_unreadable_file_goes_on_and_reports_it(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _broken(folder / "a.jpg")
+    _scene(folder / "b.png", (48, 40), seed=4)
+    proc = _run_segment(tmp_path, "photos", "model=tiny", "resolution=64", "segmenter.num_points=8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "b_labels.png").is_file()
+    assert not (tmp_path / "out" / "a_labels.png").exists()
+    tail = proc.stderr[proc.stderr.index("Skipped 1 unreadable file(s):") :]
+    assert "photos/a.jpg" in tail, proc.stderr

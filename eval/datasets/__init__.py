@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from torch.utils.data import Dataset
 
@@ -37,7 +36,7 @@ DATASET_OPTIONS = {"pascal_context59": ("background",)}
 SYNTHETIC_OPTIONS = ("length", "seed", "n_class", "regions", "noise", "texture", "on_error")
 # Keys every dataset accepts: the preprocessed cache (eval/datasets/cache.py) and Parquet/hub
 # sources (eval/datasets/sources.py).
-CACHE_OPTIONS = ("cache", "cache_dtype", "source", "columns")
+CACHE_OPTIONS = ("cache", "cache_dtype", "cache_dir", "source", "columns")
 
 
 def get_dataset(
@@ -57,15 +56,17 @@ def get_dataset(
     that are not loader options (``sources``, ``manual_steps``) are accepted
     and ignored, so a whole ``cfg.dataset`` can be passed.
 
-    ``cache=True`` reads the preprocessed Arrow cache under ``ROOT/.cache`` (built first when
-    absent or stale; ``cache_dtype`` "float32" exact or "uint8"); ``source="parquet:GLOB"`` or
-    ``"hf:REPO_ID"`` reads the pairs from a table instead of the files, ``columns`` mapping its
-    column names (see ``eval.datasets.cache`` and ``eval.datasets.sources``).
+    ``cache=True`` reads the preprocessed Arrow cache under ``cache_dir`` (default
+    ``ROOT/.cache``; built first when absent or stale; ``cache_dtype`` "float32" exact or
+    "uint8"); ``source="parquet:GLOB"`` or ``"hf:REPO_ID"`` reads the pairs from a table instead
+    of the files, ``columns`` mapping its column names, its download cache under
+    ``cache_dir/hf`` (see ``eval.datasets.cache`` and ``eval.datasets.sources``).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     options = {k: v for k, v in options.items() if k not in CONFIG_ONLY_KEYS}
     cache_dtype = options.pop("cache_dtype", "float32")
+    cache_dir = options.pop("cache_dir", None)
     columns = options.pop("columns", None)
     allowed = SYNTHETIC_OPTIONS if name == "synthetic" else FILE_OPTIONS
     allowed = (*allowed, *DATASET_OPTIONS.get(name, ()))
@@ -76,9 +77,15 @@ def get_dataset(
     if name != "synthetic" and root is None and source is None:
         raise ValueError(f"{name}: root is required (set dataset.root=PATH)")
     if source is not None:
+        from eval.datasets.cache import cache_root, check_writable
         from eval.datasets.sources import from_source
 
-        hf_cache = None if root is None else Path(root) / ".cache" / "hf"
+        # The table's download and Arrow cache goes with the dataset caches (neither set: the
+        # hub's own default).
+        hf_cache = None
+        if root is not None or cache_dir is not None:
+            hf_cache = cache_root(name, root, cache_dir) / "hf"
+            check_writable(hf_cache, name)
         data = from_source(name, source, split, resolution, columns, hf_cache, **options)
     else:
         kwargs = {} if split is None else {"split": split}
@@ -88,7 +95,10 @@ def get_dataset(
     from eval.datasets.cache import cached
 
     on_error = options.get("on_error", "raise")
-    return cached(data, root, name, split, resolution, source, columns, cache_dtype, on_error)
+    return cached(
+        data, root, name, split, resolution, source, columns, cache_dtype, on_error,
+        cache_dir=cache_dir,
+    )  # fmt: skip
 
 
 __all__ = ["DATASETS", "DataFileError", "SplitSizeWarning", "collate", "get_dataset"]

@@ -48,12 +48,10 @@ class Sample:
     label: Path
 
 
-def label_lut(
-    mapping: Mapping[int, int], ignore: Sequence[int] = (), default: int = _UNDEFINED
-) -> np.ndarray:
+def label_lut(mapping: Mapping[int, int], ignore: Sequence[int] = ()) -> np.ndarray:
     """A 256-entry lookup table for 8-bit label PNGs: ``mapping`` values, ``IGNORE`` for the
-    ``ignore`` ids and ``default`` (undefined, an error) for every other value."""
-    lut = np.full(256, default, dtype=np.int64)
+    ``ignore`` ids; every other value is undefined, an error naming the file (:func:`map_label`)."""
+    lut = np.full(256, _UNDEFINED, dtype=np.int64)
     for value in ignore:
         lut[value] = IGNORE
     for value, cls in mapping.items():
@@ -136,11 +134,26 @@ def map_label(
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)``; raises :class:`DataFileError` naming the file when unreadable."""
+    """RGB uint8 ``(H, W, 3)``; raises :class:`DataFileError` naming the file when unreadable.
+
+    16-bit grey images keep their high byte, as Pillow decodes 16-bit colour PNGs (Pillow's own
+    conversion would clip them at 255, nearly white); 32-bit integer or float images, whose range
+    is unknown, are refused.
+    """
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16"):
+                grey = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            if im.mode in ("I", "F"):
+                raise DataFileError(
+                    f"image {path} has PIL mode {im.mode!r} (32-bit integer or float pixels of "
+                    "unknown range); save it as an 8- or 16-bit image"
+                )
             return np.array(im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, DataFileError):
+            raise
         raise DataFileError(f"cannot read image {path}: {e}") from e
 
 

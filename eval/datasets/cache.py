@@ -11,7 +11,8 @@ after crop, resize and label mapping, so reading it is a memory-mapped copy:
 * ``id``; ``error``: the :class:`DataFileError` message of a pair that could not be read ("" if
   fine), so ``on_error`` applies when reading, exactly as with the files.
 
-Location: ``<root>/.cache/<name>-<split>-<resolution>-<key>/`` where ``key`` hashes everything
+Location: ``<cache root>/<name>-<split>-<resolution>-<key>/``, the cache root being
+``dataset.cache_dir`` or, by default, ``<root>/.cache`` (:func:`cache_root`), where ``key`` hashes everything
 that changes the stored values (dataset, split, resolution, antialias, dtype, source and column
 mapping, synthetic options).  Next to the Arrow data, ``fingerprint.json`` records the inputs:
 every source file's path, size and mtime (or the Parquet files / hub fingerprint), the label
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -50,14 +52,41 @@ DTYPES = ("float32", "uint8")
 WRITER_BATCH = 16
 
 
-def cache_dir(
+def cache_root(
+    name: str, root: str | os.PathLike | None, cache_dir: str | os.PathLike | None
+) -> Path:
+    """Where a dataset's caches live: ``cache_dir``, else ``ROOT/.cache``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if root is None:
+        raise ValueError(f"{name}: dataset.cache=true needs dataset.root=PATH (the cache lives in "
+                         "ROOT/.cache) or dataset.cache_dir=PATH")  # fmt: skip
+    return Path(root).expanduser() / ".cache"
+
+
+def cache_path(
     root: Path, name: str, split: str | None, resolution: int, key_options: Mapping
 ) -> Path:
-    """``<root>/.cache/<name>-<split>-<resolution>-<hash of key_options>``."""
+    """``<root>/<name>-<split>-<resolution>-<hash of key_options>``, ``root`` a cache root."""
     blob = json.dumps({"name": name, "split": split, "resolution": resolution, **key_options},
                       sort_keys=True, default=str)  # fmt: skip
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return Path(root).expanduser() / ".cache" / f"{name}-{split}-{resolution}-{key}"
+    return root / f"{name}-{split}-{resolution}-{key}"
+
+
+def check_writable(folder: Path, name: str) -> None:
+    """Create ``folder`` and write a file in it, or raise one error saying where to cache instead
+    (a read-only dataset root would otherwise fail deep inside the lock or the writer)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise OSError(
+            f"{name}: cannot write the dataset cache in {folder} ({reason}); set "
+            "dataset.cache_dir=WRITABLE_PATH"
+        ) from e
 
 
 def _stat(path: Path) -> list:
@@ -297,23 +326,23 @@ def cached(
     dtype: str = "float32",
     on_error: str = "raise",
     echo: Callable[[str], None] = print,
+    cache_dir: str | os.PathLike | None = None,
 ) -> CachedDataset:
     """The cache of ``dataset`` (built or rebuilt first when absent or stale), memory-mapped;
-    ``source`` and ``columns`` as given to ``get_dataset`` (they are part of the key)."""
+    ``source`` and ``columns`` as given to ``get_dataset`` (they are part of the key);
+    ``cache_dir``: the cache root (default ``root/.cache``)."""
     import datasets
     from filelock import FileLock
 
     if dtype not in DTYPES:
         raise ValueError(f"dataset.cache_dtype must be one of {DTYPES}, got {dtype!r}")
-    if root is None:
-        raise ValueError(f"{name}: dataset.cache=true needs dataset.root=PATH (the cache lives in "
-                         "ROOT/.cache)")  # fmt: skip
+    folder = cache_root(name, root, cache_dir)
     if getattr(dataset, "keep_size", False):
         raise ValueError(f"{name}: dataset.cache=true stores fixed-size images; it cannot be "
                          "combined with keep_size=true")  # fmt: skip
     key = {**key_options(dataset, source, columns), "dtype": dtype}
-    path = cache_dir(root, name, split, resolution, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = cache_path(folder, name, split, resolution, key)
+    check_writable(folder, name)
     fp = fingerprint(dataset, key)
     with FileLock(str(path) + ".lock"):
         stored = _read_fingerprint(path)

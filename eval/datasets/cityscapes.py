@@ -2,9 +2,10 @@
 
 Layout: ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` with
 ``gtFine/<split>/<city>/<stem>_gtFine_labelIds.png`` (8-bit grey ``labelIds``).  labelIds 7..33
-(road ... bicycle) become classes 0..26; every other value (0..6 void classes, 255) is ignored,
-exactly the official ``get_fine_to_coarse`` in ``data/cityscapes/cityscapes_data.py`` (and STEGO's
-``target - 7``, negatives ignored).  The val split has 500 images.
+(road ... bicycle) become classes 0..26; the void labelIds 0..6 and 255 (-1, license plate, as
+a byte) are ignored, exactly the official ``get_fine_to_coarse`` in
+``data/cityscapes/cityscapes_data.py`` (which defines 0..33 and -1 and fails on anything else).
+Other values (34..254) are an error.  The val split has 500 images.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ LAYOUT = """  ROOT/leftImg8bit/val/<city>/<city>_<seq>_<frame>_leftImg8bit.png
 
 
 def lut() -> np.ndarray:
-    """labelId 7..33 -> 0..26; every other 8-bit value -> ignore (none is an error)."""
+    """labelId 7..33 -> 0..26; 0..6 and 255 -> ignore; 34..254 undefined."""
     mapping = {FIRST_ID + k: k for k in range(len(CITYSCAPES27_CLASSES))}
-    return label_lut(mapping, default=-1)
+    return label_lut(mapping, ignore=[*range(FIRST_ID), 255])
 
 
 def cityscapes(
