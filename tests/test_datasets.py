@@ -246,6 +246,20 @@ def test_pascal_context59(tmp_path):
         get_dataset("voc", tmp_path, background=True)
 
 
+def test_pascal_context59_names_the_converter_label_values(tmp_path):
+    # A Detail-API mask holding every kept original id (and 0), converted as the converter does:
+    # the class name read back for each pixel must be the original id's own name.
+    original = np.resize(np.array([0, *fx.CONTEXT_ORIGINAL_IDS]), 9 * 9).reshape(9, 9)
+    fx.make_voc(tmp_path, {"2008_000002": fx.context_converter(original)}, "VOC2010")
+    for background in (False, True):
+        ds = get_dataset("pascal_context59", tmp_path, keep_size=True, background=background)
+        label = ds[0]["label"].numpy()
+        names = {0: "background" if background else None, **fx.CONTEXT_ORIGINAL_IDS}
+        for original_id, name in names.items():
+            (value,) = np.unique(label[original == original_id])
+            assert (ds.class_names[value] if value >= 0 else None) == name, original_id
+
+
 # ---------------------------------------------------------------- bad input
 
 
