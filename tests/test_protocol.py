@@ -219,6 +219,15 @@ def test_diffcut_loads_pascal_context_with_background():
     assert dataset_options(Protocol(), plain)["background"] is False
 
 
+def test_protocol_selects_the_jpeg_decoder():
+    # The official pipeline decodes with TF, DiffCut with torchvision (Pillow's pixels); the
+    # effective choice is cfg.dataset.jpeg_decoder, which the command line still overrides.
+    assert _compose("dataset=voc").dataset.jpeg_decoder == "tf"
+    assert _compose("dataset=voc", "protocol=diffcut").dataset.jpeg_decoder == "pil"
+    cfg = _compose("dataset=coco_object", "protocol=diffcut", "dataset.jpeg_decoder=tf")
+    assert cfg.dataset.jpeg_decoder == "tf"
+
+
 def test_ledger_name_marks_overridden_protocol_settings():
     assert ledger_name("diffcut", ["dataset=voc", "protocol=diffcut", "model=sd14"]) == "diffcut"
     overrides = ["protocol.pamr=false", "limit=3", "+protocol.compat=true", "protocols=x"]

@@ -32,7 +32,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 # Keys of conf/dataset/*.yaml that are not loader options: eval.prepare's, and the dataset's
 # default merging threshold (read by conf/segmenter).
 CONFIG_ONLY_KEYS = ("name", "sources", "manual_steps", "kl_threshold")
-FILE_OPTIONS = ("on_error", "antialias", "keep_size")
+FILE_OPTIONS = ("on_error", "antialias", "keep_size", "jpeg_decoder")
 # Options of one dataset only.
 DATASET_OPTIONS = {"pascal_context59": ("background",)}
 SYNTHETIC_OPTIONS = ("length", "seed", "n_class", "regions", "noise", "texture", "on_error")
@@ -53,8 +53,10 @@ def get_dataset(
     """Build dataset ``name`` from ``root``.
 
     ``options``: ``on_error`` ("raise" or "skip"), ``antialias`` (image resize, default False as
-    the official TF2 resize), ``keep_size`` (no crop or resize); the synthetic dataset takes
-    ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead.  Config keys
+    the official TF2 resize), ``keep_size`` (no crop or resize), ``jpeg_decoder`` ("tf", default:
+    as the official pipeline's ``tf.io.decode_jpeg``; "pil": Pillow, as DiffCut); the synthetic
+    dataset takes ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead
+    (and ignores ``jpeg_decoder``, which ``protocol=diffcut`` sets for every dataset).  Config keys
     that are not loader options (``sources``, ``manual_steps``, ``kl_threshold``) are accepted
     and ignored, so a whole ``cfg.dataset`` can be passed.
 
@@ -66,6 +68,8 @@ def get_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     options = {k: v for k, v in options.items() if k not in CONFIG_ONLY_KEYS}
+    if name == "synthetic":
+        options.pop("jpeg_decoder", None)  # generated, never encoded
     cache_dtype = options.pop("cache_dtype", "float32")
     columns = options.pop("columns", None)
     allowed = SYNTHETIC_OPTIONS if name == "synthetic" else FILE_OPTIONS
