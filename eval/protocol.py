@@ -35,7 +35,8 @@
   ``linear_sum_assignment`` breaks ties (which absent class takes a leftover cluster's pixels as
   false positives) exactly as in DiffCut's code; the counts are reported in the dataset's order.
   The corrected rules keep the dataset's order (background first): ties then break otherwise,
-  which moves false positives between absent classes and so per-class IoUs slightly.
+  which moves counts between classes (mostly false positives between absent classes) and so
+  per-class IoUs slightly.
 """
 
 from __future__ import annotations
