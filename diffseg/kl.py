@@ -24,6 +24,16 @@ def kl_direct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return term.nan_to_num_(nan=0.0, posinf=float("inf")).sum(dim=(-2, -1)) / 2
 
 
+def _check_all_pairs(anchors: torch.Tensor, maps: torch.Tensor, chunk_size: int) -> None:
+    if anchors.ndim != 3 or maps.ndim != 3 or anchors.shape[1:] != maps.shape[1:]:
+        raise ValueError(
+            f"anchors and maps must be (A, S, S) and (M, S, S) with the same S, got "
+            f"{tuple(anchors.shape)} and {tuple(maps.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+
+
 def kl_matrix(
     anchors: torch.Tensor,
     maps: torch.Tensor,
@@ -40,13 +50,7 @@ def kl_matrix(
     errors of ~2e-5, which flipped a threshold decision relative to the exact value on realistic
     64x64 attention (see ``bench/RESULTS.md``); the float64 cost is measured there too.
     """
-    if anchors.ndim != 3 or maps.ndim != 3 or anchors.shape[1:] != maps.shape[1:]:
-        raise ValueError(
-            f"anchors and maps must be (A, S, S) and (M, S, S) with the same S, got "
-            f"{tuple(anchors.shape)} and {tuple(maps.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    _check_all_pairs(anchors, maps, chunk_size)
     tiny = torch.finfo(dtype).tiny
     a = anchors.reshape(anchors.shape[0], -1).to(dtype)
     # Clamping the logs keeps 0 * log 0 = 0 inside the products; zero-support mismatches are then
@@ -78,18 +82,14 @@ def kl_float16(anchors: torch.Tensor, maps: torch.Tensor, chunk_size: int = 16) 
     ``anchors (A, S, S)`` and ``maps (M, S, S)`` are cast to float16, so entries of at most
     ``2**-25`` become 0; then, elementwise in float16, ``q = log x - log y`` and
     ``KL = sum(x * q) / 2 - sum(y * q) / 2`` (each sum accumulated in float32 and rounded to
-    float16, as TF's and torch's half-precision reductions do). No zero handling: a 0 in either
+    float16, as TF's GPU and torch's half-precision reductions do; the order of the float32
+    additions may differ from TF's, so a KL within a rounding step of the threshold could still
+    decide otherwise than the official run). No zero handling: a 0 in either
     map gives ``0 * -inf = nan``, so that pair's KL is nan, which is below no threshold.
     ``chunk_size`` anchors at a time, each holding two ``(chunk_size, M, S*S)`` float16 tensors
     (512 MiB each for 16 anchors at ``S = 64``), as the official code splits its anchors.
     """
-    if anchors.ndim != 3 or maps.ndim != 3 or anchors.shape[1:] != maps.shape[1:]:
-        raise ValueError(
-            f"anchors and maps must be (A, S, S) and (M, S, S) with the same S, got "
-            f"{tuple(anchors.shape)} and {tuple(maps.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    _check_all_pairs(anchors, maps, chunk_size)
     a = anchors.reshape(anchors.shape[0], -1).to(torch.float16)
     y = maps.reshape(maps.shape[0], -1).to(torch.float16)
     y_log = y.log()
