@@ -4,9 +4,12 @@ One (1, 64, 64, 64, 64) aggregated map built from peaked synthetic attention at 
 16x16 anchors, 3 merging iterations. Each method runs in a fresh subprocess that loads the saved
 input, so its peak resident memory (`VmHWM`: the whole process, Python and torch included) is
 its own; on CUDA the peak is `torch.cuda.max_memory_allocated`. Labels are compared exactly.
-A last table gives the share of pixels labelled as from float32 when the attention is rounded to
-float16 or bfloat16 before aggregating (as the attention cache stores it) or its scores are
-computed in them (as a half-precision UNet does).
+It also prints the share of the aggregated maps holding an entry of at most 2^-25, which float16
+rounds to 0 (`segmenter.first_merge_dtype=float16`, the official arithmetic: such a map's KL is
+nan, so it never merges, and an anchor with one gives no proposal). A last table gives the share
+of pixels labelled as from float32 when the attention is rounded to float16 or bfloat16 before
+aggregating (as the attention cache stores it) or its scores are computed in them (as a
+half-precision UNet does).
 
     .venv/bin/python bench/bench_merge.py [--device cuda] [--ref-dtype float64] [--repeat 3]
 """
@@ -107,6 +110,7 @@ def main() -> None:
     }
 
     same = torch.equal(fast_labels, ref_labels)
+    underflow = (maps.flatten(1) <= 2**-25).any(dim=1).double().mean().item() * 100
     print(f"device: {args.device} ({machine(torch.device(args.device))})")
     print("input: 1 x 64^4 aggregated attention, 16x16 anchors, kl_threshold (1.1, 1.1, 1.1)")
     print()
@@ -132,6 +136,10 @@ def main() -> None:
     print(
         f"iteration-1 matrix KL time: float64 {kl_seconds[torch.float64]:.2f} s, "
         f"float32 {kl_seconds[torch.float32]:.2f} s"
+    )
+    print(
+        f"aggregated maps with an entry <= 2^-25 (0 in float16; nan KL under "
+        f"first_merge_dtype=float16): {underflow:.1f}% of {len(maps)}"
     )
     print()
     print(storage_precision(args.seed))

@@ -3,7 +3,8 @@
 ``KL(x, y) = 1/2 * sum((x - y) * (log x - log y))`` over the map's positions. Zeros follow the
 mathematical limits: a position where both maps are 0 contributes 0, a position where exactly one
 is 0 makes the distance ``+inf`` (never merged). The official code has no zero handling (it gives
-nan there, which also never merges); for strictly positive maps the two agree.
+nan there, which also never merges); for strictly positive maps the two agree. :func:`kl_float16`
+is the official first-iteration arithmetic, nan included (``first_merge_dtype="float16"``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def kl_direct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return term.nan_to_num_(nan=0.0, posinf=float("inf")).sum(dim=(-2, -1)) / 2
 
 
+def _check_all_pairs(anchors: torch.Tensor, maps: torch.Tensor, chunk_size: int) -> None:
+    if anchors.ndim != 3 or maps.ndim != 3 or anchors.shape[1:] != maps.shape[1:]:
+        raise ValueError(
+            f"anchors and maps must be (A, S, S) and (M, S, S) with the same S, got "
+            f"{tuple(anchors.shape)} and {tuple(maps.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+
+
 def kl_matrix(
     anchors: torch.Tensor,
     maps: torch.Tensor,
@@ -39,13 +50,7 @@ def kl_matrix(
     errors of ~2e-5, which flipped a threshold decision relative to the exact value on realistic
     64x64 attention (see ``bench/RESULTS.md``); the float64 cost is measured there too.
     """
-    if anchors.ndim != 3 or maps.ndim != 3 or anchors.shape[1:] != maps.shape[1:]:
-        raise ValueError(
-            f"anchors and maps must be (A, S, S) and (M, S, S) with the same S, got "
-            f"{tuple(anchors.shape)} and {tuple(maps.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    _check_all_pairs(anchors, maps, chunk_size)
     tiny = torch.finfo(dtype).tiny
     a = anchors.reshape(anchors.shape[0], -1).to(dtype)
     # Clamping the logs keeps 0 * log 0 = 0 inside the products; zero-support mismatches are then
@@ -68,4 +73,32 @@ def kl_matrix(
             mismatch = a_pos @ y_zero.to(dtype).T + a_zero.to(dtype) @ y_pos.T
             kl.masked_fill_(mismatch > 0, float("inf"))
         out[:, start : start + chunk_size] = kl
+    return out
+
+
+def kl_float16(anchors: torch.Tensor, maps: torch.Tensor, chunk_size: int = 16) -> torch.Tensor:
+    """All-pairs symmetric KL ``(A, M)`` float16 as the official iteration 1 evaluates it.
+
+    ``anchors (A, S, S)`` and ``maps (M, S, S)`` are cast to float16, so entries of at most
+    ``2**-25`` become 0; then, elementwise in float16, ``q = log x - log y`` and
+    ``KL = sum(x * q) / 2 - sum(y * q) / 2`` (each sum accumulated in float32 and rounded to
+    float16, as TF's GPU and torch's half-precision reductions do; the order of the float32
+    additions may differ from TF's, so a KL within a rounding step of the threshold could still
+    decide otherwise than the official run). No zero handling: a 0 in either
+    map gives ``0 * -inf = nan``, so that pair's KL is nan, which is below no threshold.
+    ``chunk_size`` anchors at a time, each holding two ``(chunk_size, M, S*S)`` float16 tensors
+    (512 MiB each for 16 anchors at ``S = 64``), as the official code splits its anchors.
+    """
+    _check_all_pairs(anchors, maps, chunk_size)
+    a = anchors.reshape(anchors.shape[0], -1).to(torch.float16)
+    y = maps.reshape(maps.shape[0], -1).to(torch.float16)
+    y_log = y.log()
+    out = torch.empty((a.shape[0], y.shape[0]), dtype=torch.float16, device=anchors.device)
+    for start in range(0, a.shape[0], chunk_size):
+        x = a[start : start + chunk_size, None, :]
+        q = x.log() - y_log[None]
+        term = x * q
+        kl_x = term.sum(dim=-1) / 2
+        torch.mul(y[None], q, out=term)
+        out[start : start + chunk_size] = kl_x - term.sum(dim=-1) / 2
     return out

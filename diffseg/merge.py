@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from diffseg.aggregate import check_probabilities
-from diffseg.kl import kl_matrix
+from diffseg.kl import kl_float16, kl_matrix
+
+FIRST_MERGE_DTYPES = {"float64": torch.float64, "float16": torch.float16}
 
 
 def sampling_grid(num_points: int, size: int) -> torch.Tensor:
@@ -63,17 +65,51 @@ def _check_aggregated(aggregated: torch.Tensor) -> int:
     return aggregated.shape[-1]
 
 
-def _first_merge(maps: torch.Tensor, grid: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Iteration 1: per anchor, the mean of all ``maps (S*S, S*S)`` within ``threshold``."""
+def _check_first_merge_dtype(first_merge_dtype: str | torch.dtype) -> torch.dtype:
+    name = str(first_merge_dtype).removeprefix("torch.")
+    if name not in FIRST_MERGE_DTYPES:
+        raise ValueError(
+            "first_merge_dtype must be 'float64' (exact KL, the default) or 'float16' (the "
+            f"official code's arithmetic), got {first_merge_dtype!r}"
+        )
+    return FIRST_MERGE_DTYPES[name]
+
+
+def _first_merge(
+    maps: torch.Tensor, grid: torch.Tensor, threshold: float, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Iteration 1: per anchor, the mean of all ``maps (S*S, S*S)`` within ``threshold``.
+
+    ``dtype`` float64: the exact KL. float16: the official arithmetic (:func:`kl_float16`, the
+    threshold rounded to float16 too, 1.1 -> 1.0996); a nan KL merges nothing, so an anchor whose
+    own map has an entry float16 rounds to 0 gets no member and a nan proposal.
+    """
     s = math.isqrt(maps.shape[0])
     maps = maps.to(torch.float64)
     index = grid[:, 0] * s + grid[:, 1]
-    close = kl_matrix(maps[index].reshape(-1, s, s), maps.reshape(-1, s, s)) < threshold
-    # Every anchor is one of the maps and KL(x, x) = 0 < threshold, exactly as in the direct form;
-    # pinning it keeps every mean well defined whatever the matrix form's rounding.
-    close[torch.arange(len(index)), index] = True
+    anchors, all_maps = maps[index].reshape(-1, s, s), maps.reshape(-1, s, s)
+    if dtype == torch.float16:
+        close = kl_float16(anchors, all_maps) < float(torch.tensor(threshold).half())
+    else:
+        close = kl_matrix(anchors, all_maps) < threshold
+        # Every anchor is one of the maps and KL(x, x) = 0 < threshold, exactly as in the direct
+        # form; pinning it keeps every mean well defined whatever the matrix form's rounding.
+        close[torch.arange(len(index)), index] = True
     close = close.to(torch.float64)
     return (close @ maps) / close.sum(dim=1, keepdim=True)
+
+
+def _drop_nan(proposals: torch.Tensor) -> torch.Tensor:
+    """The float16 first merge's nan proposals ``(K, S*S)`` left out, as the official second
+    iteration leaves them (their KL to anything is nan, so they neither anchor nor join a group)."""
+    kept = proposals[~proposals.isnan().any(dim=1)]
+    if len(kept) == 0:
+        raise ValueError(
+            "first_merge_dtype=float16: the attention map of every anchor has an entry that "
+            "float16 rounds to 0 (<= 2**-25), so every KL is nan and no proposal is left (the "
+            "official code fails here too); use first_merge_dtype=float64"
+        )
+    return kept
 
 
 def greedy_groups(close: torch.Tensor) -> torch.Tensor:
@@ -168,6 +204,7 @@ def merge_attention(
     kl_threshold: Sequence[float] = (1.1, 1.1, 1.1),
     num_points: int = 16,
     refine: bool = False,
+    first_merge_dtype: str | torch.dtype = "float64",
 ) -> list[torch.Tensor]:
     """The official iterative attention merging: one float64 ``(K_b, S, S)`` proposal set per image.
 
@@ -179,17 +216,23 @@ def merge_attention(
     those are marked matched. With ``refine``, :func:`kmeans_refine` over all ``S*S`` maps from the
     proposals replaces them by the cluster means.
 
-    Precision: the official code evaluates iteration 1's KL in float16; here every KL and mean is
-    computed in float64 (matrix-product KL, :func:`diffseg.kl.kl_matrix`), so the decisions are
-    those of the exact formula on the given maps.
+    Precision: with ``first_merge_dtype="float64"`` (default) every KL and mean is computed in
+    float64 (matrix-product KL, :func:`diffseg.kl.kl_matrix`), so the decisions are those of the
+    exact formula on the given maps. ``"float16"`` evaluates iteration 1 with the official code's
+    arithmetic (:func:`diffseg.kl.kl_float16`, threshold in float16): anchors whose map has an
+    entry float16 rounds to 0 give nan proposals, which are dropped before iteration 2 (the
+    official iteration 2 drops them; with a single iteration the official code would keep them).
     """
     s = _check_aggregated(aggregated)
     thresholds = _check_thresholds(kl_threshold)
+    dtype = _check_first_merge_dtype(first_merge_dtype)
     grid = sampling_grid(num_points, s).to(aggregated.device)
     results = []
     for image in aggregated:
         maps = image.reshape(s * s, s * s)
-        proposals = _first_merge(maps, grid, thresholds[0])
+        proposals = _first_merge(maps, grid, thresholds[0], dtype)
+        if dtype == torch.float16:
+            proposals = _drop_nan(proposals)
         for threshold in thresholds[1:]:
             proposals = _later_merge(proposals, threshold)
         if refine:
@@ -225,6 +268,7 @@ def segment_attention(
     num_points: int = 16,
     refine: bool = False,
     out_size: int | Sequence[int] | None = None,
+    first_merge_dtype: str | torch.dtype = "float64",
 ) -> torch.Tensor:
     """DiffSeg segmentation of aggregated attention ``(B, S, S, S, S)`` -> labels ``(B, H, W)``.
 
@@ -232,6 +276,6 @@ def segment_attention(
     ``8 * S`` (512 for SD's 64x64 latents).
     """
     size = None if out_size is None else _check_out_size(out_size)
-    proposals = merge_attention(aggregated, kl_threshold, num_points, refine)
+    proposals = merge_attention(aggregated, kl_threshold, num_points, refine, first_merge_dtype)
     size = size or (8 * aggregated.shape[-1],) * 2
     return torch.stack([proposals_to_labels(p, size) for p in proposals])

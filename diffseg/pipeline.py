@@ -503,12 +503,15 @@ class DiffSegPipeline:
         noise: bool = False,
         seed: int = 0,
         return_intermediates: bool = False,
+        first_merge_dtype: str = "float64",
     ) -> torch.Tensor | DiffSegOutput:
         """Segment a batch: `(B, 3, H, W)` in [0, 1] or PIL images -> labels `(B, res, res)`.
 
         `weights`: aggregation weight per resolution, largest resolution first (default r/sum(r)).
         `noise`: add scheduler noise at `timestep` (drawn for the whole batch from `seed`); off in
-        the official method. Labels are returned on the CPU; intermediates stay on the device.
+        the official method. `first_merge_dtype`: "float64" (exact KL) or "float16" (the official
+        code's arithmetic for merge iteration 1; see `diffseg.merge.merge_attention`). Labels are
+        returned on the CPU; intermediates stay on the device.
         """
         attention, aggregated = self._attend(
             images, timestep, weights, resolution, prompt, noise, seed
@@ -516,9 +519,16 @@ class DiffSegPipeline:
         with torch.inference_mode():
             if not return_intermediates:
                 return segment_attention(
-                    aggregated, kl_threshold, num_points, refine, out_size=resolution
+                    aggregated,
+                    kl_threshold,
+                    num_points,
+                    refine,
+                    out_size=resolution,
+                    first_merge_dtype=first_merge_dtype,
                 ).cpu()
-            proposals = merge_attention(aggregated, kl_threshold, num_points, refine)
+            proposals = merge_attention(
+                aggregated, kl_threshold, num_points, refine, first_merge_dtype
+            )
             labels = torch.stack([proposals_to_labels(p, resolution) for p in proposals])
         return DiffSegOutput(labels.cpu(), attention, aggregated, proposals)
 

@@ -5,8 +5,9 @@ the symmetric KL elementwise exactly as the official code does (iteration 1 on c
 ``sqrt(#anchors)`` anchors against all maps, broadcasting a ``(chunk, S*S, S, S)`` tensor; later
 iterations as the official Python loop), builds the grid with ``numpy.linspace``/``meshgrid`` as
 the official code does, and computes in ``dtype`` (float64 by default: the exact decisions; the
-official code uses float16 for iteration 1). It also provides :func:`realistic_attention`, peaked
-synthetic self-attention for tests and benchmarks.
+official code uses float16 for iteration 1; ``dtype=torch.float16`` is that arithmetic, with the
+official formula's nan for zeros, see :func:`official_kl`). It also provides
+:func:`realistic_attention`, peaked synthetic self-attention for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -31,14 +32,31 @@ def reference_grid(num_points: int, size: int) -> np.ndarray:
     return np.concatenate([xx.reshape(-1, 1), yy.reshape(-1, 1)], axis=-1).astype(int)
 
 
+def official_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The official ``KL(x, Y)`` as written, broadcast over ``(..., S, S)``, in the inputs' dtype:
+    ``sum(x * q) / 2 - sum(Y * q) / 2`` with ``q = log x - log Y`` and no zero handling (a zero in
+    either map makes the result nan)."""
+    quotient = torch.log(x) - torch.log(y)
+    return (x * quotient).sum(dim=(-2, -1)) / 2 - (y * quotient).sum(dim=(-2, -1)) / 2
+
+
 def reference_merge(
     attns: torch.Tensor,
     kl_threshold: Sequence[float],
     num_points: int = 16,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Official iterative merging of one image's ``attns (S, S, S, S)`` -> proposals ``(K, S, S)``."""
+    """Official iterative merging of one image's ``attns (S, S, S, S)`` -> proposals ``(K, S, S)``.
+
+    ``dtype=torch.float16``: iteration 1 as the official code computes it (inputs, KL and the
+    threshold in float16, :func:`official_kl`), later iterations in float64 with the official
+    formula; a proposal that matches nothing, not even itself (nan), is dropped. Other dtypes: the
+    KL with the mathematical limits for zeros (:func:`diffseg.kl.kl_direct`).
+    """
+    kl = official_kl if dtype == torch.float16 else kl_direct
     s = attns.shape[-1]
+    # As officially, only the iteration-1 KL is in ``dtype``; the means are of the float64 maps.
+    maps = attns.reshape(s * s, s * s).to(torch.float64)
     attns = attns.to(dtype)
     grid = reference_grid(num_points, s)
     anchors = attns[grid[:, 0], grid[:, 1]][:, None]  # (P, 1, S, S)
@@ -46,9 +64,8 @@ def reference_merge(
     split = int(np.sqrt(grid.shape[0]))
     bins = []
     for i in range(split):
-        bins.append(kl_direct(anchors[i * split : (i + 1) * split], flat) < kl_threshold[0])
+        bins.append(kl(anchors[i * split : (i + 1) * split], flat) < kl_threshold[0])
     kl_bin = torch.cat(bins).to(torch.float64)
-    maps = attns.reshape(s * s, s * s).to(torch.float64)
     proposals = ((kl_bin @ maps) / kl_bin.sum(1, keepdim=True)).reshape(-1, s, s)
     for threshold in kl_threshold[1:]:
         matched: set[int] = set()
@@ -57,9 +74,10 @@ def reference_merge(
             if i in matched:
                 continue
             matched.add(i)
-            close = kl_direct(anchor, proposals) < threshold
-            matched.update(torch.nonzero(close).flatten().tolist())
-            merged.append(proposals[close].mean(0))
+            close = kl(anchor, proposals) < threshold
+            if close.any():
+                matched.update(torch.nonzero(close).flatten().tolist())
+                merged.append(proposals[close].mean(0))
         proposals = torch.stack(merged)
     return proposals
 

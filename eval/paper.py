@@ -162,7 +162,7 @@ DIFFCUT = Table(
         ),
     ),
     # DiffCut's loader decodes with Pillow (our reading of dataloader/iterator.py).
-    dataset={"antialias": False, "jpeg_decoder": "pil"},
+    dataset={"antialias": False, "keep_size": True, "jpeg_decoder": "pil"},
 )
 
 TABLES = {t.name: t for t in (TABLE1, DIFFCUT)}

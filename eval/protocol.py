@@ -30,7 +30,13 @@
   mapping sends every fine id >= 91 to background, unlabelled pixels (255) included; its ADE20K
   labels are the raw ``annotations`` PNGs scored with 150 classes, so "other" (0) counts as class
   0 and the last class (150, "flag") is never scored. By default labels keep the datasets'
-  correct conventions (ignore is ignored; ADE20K classes 1..150).
+  correct conventions (ignore is ignored; ADE20K classes 1..150). With ``compat=True`` the final
+  matching also sees DiffCut's class order (background last, :meth:`Scoring.match`), so that
+  ``linear_sum_assignment`` breaks ties (which absent class takes a leftover cluster's pixels as
+  false positives) exactly as in DiffCut's code; the counts are reported in the dataset's order.
+  The corrected rules keep the dataset's order (background first): ties then break otherwise,
+  which moves counts between classes (mostly false positives between absent classes) and so
+  per-class IoUs slightly.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from torch.utils.data import Dataset
 
 from diffseg.pamr import pamr
 from eval.datasets.base import IGNORE, resize_image, resize_label
-from eval.matching import confusion_histogram
+from eval.matching import confusion_histogram, match_per_image
 
 CROPS = ("dataset", "min_minus_one")
 COMPAT_DATASETS = ("voc", "coco_object", "ade20k")
@@ -64,8 +70,9 @@ class Protocol:
     crop and resize) or ``min_minus_one`` (DiffCut's). ``score_resolution``: side at which
     predictions and labels are scored (None: the label's). ``background``: dataset name -> name of
     its background class, for the background merge. ``compat``: reproduce DiffCut's label defects.
-    ``pamr``: PAMR + 3x3 median filter before scoring. ``splits``: dataset name -> split the
-    protocol evaluates on. ``dataset_options``: dataset name -> extra ``get_dataset`` options
+    ``pamr``: PAMR + 3x3 median filter before scoring. What a protocol changes in a dataset's
+    settings (split, keep_size, JPEG decoder) is composed into ``cfg.dataset`` by Hydra
+    (``conf/dataset/protocol*/``), never set here.
     (DiffCut scores Pascal Context with its background class: ``background: true``).
     """
 
@@ -79,8 +86,6 @@ class Protocol:
     pamr: bool = False
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8)
-    splits: Mapping[str, str] = field(default_factory=dict)
-    dataset_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -115,8 +120,6 @@ class Protocol:
         if unknown:
             raise ValueError(f"unknown protocol keys {unknown}; accepted: {sorted(known)}")
         values["background"] = dict(values.get("background") or {})
-        values["splits"] = dict(values.get("splits") or {})
-        values["dataset_options"] = dict(values.get("dataset_options") or {})
         values["pamr_dilations"] = tuple(values.get("pamr_dilations") or (1, 2, 4, 8))
         return cls(**values)
 
@@ -296,6 +299,13 @@ def refine_labels(
     return torch.from_numpy(median_filter(refined.numpy(), size=3)).long()
 
 
+def background_last(n_class: int, background: int) -> np.ndarray:
+    """DiffCut's class order: ``order[k]`` is the class at DiffCut's index ``k``, the foreground
+    classes in dataset order, then the background (DiffCut relabels its ignored/background pixels
+    ``N_CLASS - 1`` before the final matching)."""
+    return np.array([*(c for c in range(n_class) if c != background), background])
+
+
 @dataclass
 class Scoring:
     """The per-image scoring step of a protocol for one dataset (see :meth:`__call__`)."""
@@ -326,6 +336,23 @@ class Scoring:
             pred = refine_labels(pred, image, p.pamr_iterations, p.pamr_dilations)
         return {**item, "image": image, "label": label}, pred
 
+    def match(
+        self, pred: torch.Tensor, label: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """``eval.matching.match_per_image`` of ``pred (H, W)`` against ``label (H, W)``: per-class
+        ``(tp, fp, fn)`` in the dataset's class order, and the labelled pixel count.
+
+        Under ``compat`` with a background class the matching runs on the classes in DiffCut's
+        order (:func:`background_last`), so its ties break as in DiffCut's code.
+        """
+        if not (self.protocol.compat and self.background is not None):
+            return match_per_image(pred, label, self.n_class)
+        position = torch.from_numpy(np.argsort(background_last(self.n_class, self.background)))
+        valid = (label >= 0) & (label < self.n_class)
+        moved = torch.where(valid, position[label.clamp(0, self.n_class - 1)], label)
+        tp, fp, fn, total = match_per_image(pred, moved, self.n_class)
+        return tp[position], fp[position], fn[position], total
+
     def batch(
         self, items: Sequence[Mapping[str, Any]], preds: Sequence[torch.Tensor]
     ) -> tuple[list[dict], list[torch.Tensor]]:
@@ -340,20 +367,22 @@ def scoring(protocol: Protocol, dataset: Dataset, dataset_name: str) -> Scoring:
     return Scoring(protocol, dataset.n_class, background)
 
 
-def dataset_options(protocol: Protocol, options: dict[str, Any]) -> dict[str, Any]:
-    """``get_dataset`` keyword arguments under ``protocol``: its ``dataset_options`` for this
-    dataset, and ``keep_size=True`` for the file datasets when the protocol crops for itself (the
-    loader's crop would come first otherwise)."""
-    options = {**options, **protocol.dataset_options.get(options["name"], {})}
-    if protocol.crop != "dataset" and options["name"] != "synthetic":
-        if options.get("cache"):
-            raise ValueError(
-                f"protocol {protocol.name} crops the original images itself (crop="
-                f"{protocol.crop}), but dataset.cache=true holds the loader's crop; "
-                "set dataset.cache=false"
-            )
-        options["keep_size"] = True
-    return options
+def check_dataset(protocol: Protocol, options: Mapping[str, Any]) -> None:
+    """The dataset settings (``cfg.dataset``) fit the protocol: when it crops for itself the file
+    loaders keep the original size (``conf/dataset/protocol/`` sets it), and no cache (which holds
+    the loader's crop) is read."""
+    if protocol.crop == "dataset" or options["name"] == "synthetic":
+        return
+    if options.get("cache"):
+        raise ValueError(
+            f"protocol {protocol.name} crops the original images itself (crop={protocol.crop}), "
+            "but dataset.cache=true holds the loader's crop; set dataset.cache=false"
+        )
+    if not options.get("keep_size"):
+        raise ValueError(
+            f"protocol {protocol.name} crops the original images itself (crop={protocol.crop}), "
+            "so the loader must keep their size: set dataset.keep_size=true"
+        )
 
 
 def check_resolution_pair(protocol: Protocol, input_resolution: int) -> None:

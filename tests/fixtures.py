@@ -104,6 +104,31 @@ def make_voc(root: Path, labels: dict[str, np.ndarray], year: str = "VOC2012") -
     (sets / "val.txt").write_text("".join(f"{i}\n" for i in labels))
 
 
+# Pascal Context: the original (459-class, Detail API / labels.txt) ids of the 59 classes that
+# mmseg's tools/dataset_converters/pascal_context.py keeps, in that script's listing order, with
+# their names in the original label list. Independent of eval/datasets/classes.py on purpose.
+CONTEXT_ORIGINAL_IDS = {
+    2: "aeroplane", 259: "mountain", 260: "mouse", 415: "track", 324: "road", 9: "bag",
+    258: "motorbike", 144: "fence", 18: "bed", 19: "bedclothes", 22: "bench", 23: "bicycle",
+    397: "table", 25: "bird", 284: "person", 158: "floor", 159: "flower", 416: "train", 33: "book",
+    162: "food", 420: "tree", 454: "window", 295: "plate", 296: "platform", 427: "tvmonitor",
+    44: "building", 45: "bus", 46: "cabinet", 308: "pottedplant", 59: "car", 440: "wall",
+    445: "water", 31: "boat", 232: "light", 65: "cat", 354: "sidewalk", 424: "truck",
+    68: "ceiling", 326: "rock", 72: "chair", 458: "wood", 34: "bottle", 207: "horse", 80: "cloth",
+    355: "sign", 85: "computer", 347: "sheep", 220: "keyboard", 349: "shelves", 360: "sky",
+    98: "cow", 187: "grass", 104: "cup", 105: "curtain", 366: "snow", 189: "ground", 368: "sofa",
+    113: "dog", 115: "door",
+}  # fmt: skip
+
+
+def context_converter(original: np.ndarray) -> np.ndarray:
+    """Original-id mask (as ``Detail.getMask``: 0 background, else a kept id) -> the uint8 label
+    values the converter writes: the position of the id among the sorted kept ids and 0."""
+    kept = np.sort(np.array([0, *CONTEXT_ORIGINAL_IDS]))
+    assert np.isin(original, kept).all(), "the converter asserts every id is kept"
+    return np.digitize(original.ravel(), kept, right=True).astype(np.uint8).reshape(original.shape)
+
+
 def zip_folder(folder: Path, prefix: str = "") -> bytes:
     """A zip of every file under ``folder``, member names relative to it (plus ``prefix``)."""
     buf = io.BytesIO()

@@ -138,6 +138,17 @@ def test_other_options_use_another_cache(tmp_path):
     assert_same(_items(antialiased), _items(plain))
 
 
+def test_jpeg_decoder_uses_another_cache(tmp_path):
+    _coco(tmp_path)
+    for decoder in ("tf", "pil"):
+        cached = get_dataset(
+            "coco_stuff27", tmp_path, resolution=16, cache=True, jpeg_decoder=decoder
+        )
+        files = get_dataset("coco_stuff27", tmp_path, resolution=16, jpeg_decoder=decoder)
+        assert_same(_items(cached), _items(files))
+    assert len(_caches(tmp_path)) == 2
+
+
 def test_bad_pair_stored_as_error_and_on_error_applies(tmp_path):
     _coco(tmp_path)
     fx.save_grey(tmp_path / "annotations/val2017/000000000285.png", np.full((12, 18), 200))
@@ -218,6 +229,11 @@ def test_parquet_source_gives_the_file_loader_tensors(tmp_path):
     files = get_dataset("coco_stuff27", tmp_path / "files", resolution=16)
     assert (table.n_class, table.class_names) == (27, files.class_names)
     assert_same(_items(table), _items(files))
+    # The table's JPEG bytes are decoded as dataset.jpeg_decoder says, not by the table's Pillow.
+    pil = dict(opts, jpeg_decoder="pil")
+    table_pil = get_dataset("coco_stuff27", source=f"parquet:{tmp_path}/pq/*.parquet", **pil)
+    files_pil = get_dataset("coco_stuff27", tmp_path / "files", resolution=16, jpeg_decoder="pil")
+    assert_same(_items(table_pil), _items(files_pil))
     # Mapped with the dataset's own table: fine 0 (person) -> coarse 9, 255 -> ignore (STEGO).
     raw = fx.grid_label([0, 91, 255, 181, 17], 12, 18)
     keep = get_dataset("coco_stuff27", source=f"parquet:{tmp_path}/pq", keep_size=True, **opts)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+import simplejpeg
 import torch
 from PIL import Image
 
 from eval.datasets import DataFileError, SplitSizeWarning, collate, get_dataset
-from eval.datasets.base import read_image
+from eval.datasets.base import decode_image, read_image
 from eval.datasets.classes import (
     COCO_OBJECT_CLASSES,
     COCO_STUFF27_CLASSES,
@@ -64,8 +66,21 @@ def crop(a: np.ndarray) -> np.ndarray:
     return a[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
 
 
-def decoded(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64) / 255.0
+def pillow(path) -> np.ndarray:
+    """Pillow's RGB pixels: the loaders' decoding before ``jpeg_decoder`` (now ``pil``)."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def tf_jpeg(path) -> np.ndarray:
+    """A JPEG as TF's ``tf.io.decode_jpeg`` defaults decode it: libjpeg-turbo's fast integer DCT
+    (``JDCT_IFAST``) with fancy upsampling."""
+    data = Path(path).read_bytes()
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+
+
+def decoded(path, jpeg_decoder: str = "tf") -> np.ndarray:
+    img = tf_jpeg(path) if jpeg_decoder == "tf" else pillow(path)
+    return img.astype(np.float64) / 255.0
 
 
 # ---------------------------------------------------------------- mapping tables
@@ -141,13 +156,15 @@ def test_coco_object_labels(tmp_path):
         assert (lab[where] == want).all(), v
 
 
-def test_coco_crop_and_resize_pixelwise(tmp_path):
+@pytest.mark.parametrize("jpeg_decoder", ["tf", "pil"])
+def test_coco_crop_and_resize_pixelwise(tmp_path, jpeg_decoder):
     _, other = _coco_fixture(tmp_path)
-    ds = get_dataset("coco_stuff27", tmp_path, resolution=20)  # split=val -> curated
+    # split=val -> curated
+    ds = get_dataset("coco_stuff27", tmp_path, resolution=20, jpeg_decoder=jpeg_decoder)
     item = ds[1]
     lut = np.vectorize(lambda v: -1 if v == 255 else STEGO[v])
     np.testing.assert_array_equal(item["label"].numpy(), lut(tf_nearest(crop(other), 20)))
-    img = decoded(tmp_path / "images/val2017/000000000285.jpg")
+    img = decoded(tmp_path / "images/val2017/000000000285.jpg", jpeg_decoder)
     want = tf_bilinear(crop(img), 20).transpose(2, 0, 1)
     np.testing.assert_allclose(item["image"].numpy(), want, atol=1e-5)
 
@@ -276,6 +293,55 @@ def test_pascal_context59(tmp_path):
     np.testing.assert_array_equal(with_bg[0]["label"].numpy(), want)
     with pytest.raises(ValueError, match=r"unknown dataset options \['background'\]"):
         get_dataset("voc", tmp_path, background=True)
+
+
+def test_pascal_context59_names_the_converter_label_values(tmp_path):
+    # A Detail-API mask holding every kept original id (and 0), converted as the converter does:
+    # the class name read back for each pixel must be the original id's own name.
+    original = np.resize(np.array([0, *fx.CONTEXT_ORIGINAL_IDS]), 9 * 9).reshape(9, 9)
+    fx.make_voc(tmp_path, {"2008_000002": fx.context_converter(original)}, "VOC2010")
+    for background in (False, True):
+        ds = get_dataset("pascal_context59", tmp_path, keep_size=True, background=background)
+        label = ds[0]["label"].numpy()
+        names = {0: "background" if background else None, **fx.CONTEXT_ORIGINAL_IDS}
+        for original_id, name in names.items():
+            (value,) = np.unique(label[original == original_id])
+            assert (ds.class_names[value] if value >= 0 else None) == name, original_id
+
+
+# ---------------------------------------------------------------- JPEG decoding
+
+
+def _voc_with_jpeg(root, quality: int = 85) -> Path:
+    """A one-image VOC fixture whose JPEG is a smooth random picture saved by Pillow at
+    ``quality`` with 4:2:0 chroma subsampling (as most camera and COCO JPEGs)."""
+    fx.make_voc(root, {"2007_000001": fx.grid_label([1], 24, 40)})
+    path = root / "VOCdevkit/VOC2012/JPEGImages/2007_000001.jpg"
+    Image.fromarray(fx.rgb(24, 40, seed=3)).save(path, quality=quality, subsampling=2)
+    return path
+
+
+def test_jpeg_decoder_tf_is_the_fast_dct_and_pil_is_pillow(tmp_path):
+    path = _voc_with_jpeg(tmp_path)
+    pixels = {}
+    for decoder in ("tf", "pil"):
+        ds = get_dataset("voc", tmp_path, keep_size=True, jpeg_decoder=decoder)
+        pixels[decoder] = (ds[0]["image"] * 255).round().byte().permute(1, 2, 0).numpy()
+        assert ds.jpeg_decoder == decoder
+    np.testing.assert_array_equal(pixels["tf"], tf_jpeg(path))
+    np.testing.assert_array_equal(pixels["pil"], pillow(path))  # the pixels before the option
+    differ = (pixels["tf"] != pillow(path)).any(axis=-1).mean()
+    assert differ > 0.05 and np.abs(pixels["tf"].astype(int) - pillow(path)).max() <= 4
+    # The default is TF's decoding; PNG images are Pillow's whatever the option.
+    np.testing.assert_array_equal(
+        (get_dataset("voc", tmp_path, keep_size=True)[0]["image"] * 255).round().byte(),
+        torch.from_numpy(pixels["tf"]).permute(2, 0, 1),
+    )
+    png = tmp_path / "x.png"
+    Image.fromarray(fx.rgb(5, 7, seed=0)).save(png)
+    np.testing.assert_array_equal(decode_image(png.read_bytes(), "tf", "x"), pillow(png))
+    with pytest.raises(ValueError, match=r"jpeg_decoder must be one of \('tf', 'pil'\).*'fast'"):
+        get_dataset("voc", tmp_path, jpeg_decoder="fast")
 
 
 # ---------------------------------------------------------------- bad input

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffseg.aggregate import aggregate_attention
-from diffseg.kl import kl_direct
+from diffseg.kl import kl_direct, kl_float16, kl_matrix
 from diffseg.merge import (
     _later_merge,
     kmeans_refine,
@@ -13,7 +13,12 @@ from diffseg.merge import (
     sampling_grid,
     segment_attention,
 )
-from diffseg.reference import realistic_attention, reference_grid, reference_segment
+from diffseg.reference import (
+    realistic_attention,
+    reference_grid,
+    reference_merge,
+    reference_segment,
+)
 
 
 def _quadrant_attention(size: int = 8) -> torch.Tensor:
@@ -103,6 +108,90 @@ def test_labels_equal_reference_at_s32():
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# first_merge_dtype=float16: the official iteration-1 arithmetic
+
+
+def _underflowing_quadrants() -> torch.Tensor:
+    """The 8x8 quadrant attention with one entry of two maps set to 1e-9 (float16 rounds it to 0):
+    map 0 (the anchor at (0, 0)) and map 9 (at (1, 1), no anchor); both in quadrant 0."""
+    aggregated, _ = _quadrant_attention(8)
+    maps = aggregated.reshape(64, 64).clone()
+    maps[0, 63] = maps[9, 63] = 1e-9  # position (7, 7), in quadrant 3: the floor, ~6e-5 before
+    return (maps / maps.sum(dim=1, keepdim=True)).reshape(1, 8, 8, 8, 8)
+
+
+def test_float16_underflow_gives_nan_where_float64_merges():
+    aggregated = _underflowing_quadrants()
+    maps = aggregated.reshape(64, 8, 8)
+    grid = sampling_grid(4, 8)
+    anchors = maps[grid[:, 0] * 8 + grid[:, 1]]
+    # float16: every pair with map 0 or map 9 is nan; float64: finite and small within quadrant 0.
+    kl16, kl64 = kl_float16(anchors, maps), kl_matrix(anchors, maps)
+    nan = torch.zeros(16, 64, dtype=torch.bool)
+    nan[0] = True
+    nan[:, [0, 9]] = True
+    assert torch.equal(kl16.isnan(), nan)
+    assert kl64.isfinite().all() and kl64[0, 9] < 0.1 and kl64[1, 0] < 0.1  # anchor 1: (0, 2)
+    p64 = merge_attention(aggregated, (1.1,), num_points=4)[0].reshape(-1, 64)
+    p16 = merge_attention(aggregated, (1.1,), num_points=4, first_merge_dtype="float16")[0]
+    p16 = p16.reshape(-1, 64)
+    # float64: 16 proposals, each its anchor's quadrant mean. float16: anchor 0's proposal is nan
+    # (it matches nothing, not even itself) and is dropped; maps 0 and 9 join no other anchor.
+    quadrant = _quadrant_attention(8)[1].reshape(-1)
+    q0 = aggregated.reshape(64, 64)[quadrant == 0].double()
+    assert len(p64) == 16 and len(p16) == 15
+    torch.testing.assert_close(p64[0], q0.mean(0), rtol=0, atol=1e-15)
+    kept = [i for i in range(64) if quadrant[i] == 0 and i not in (0, 9)]
+    without = aggregated.reshape(64, 64)[kept].double().mean(0)
+    # Anchor (0, 2), the grid's second, is p16's first row once anchor 0 is gone.
+    torch.testing.assert_close(p16[0], without, rtol=0, atol=1e-15)
+    torch.testing.assert_close(p64[1], q0.mean(0), rtol=0, atol=1e-15)
+    assert not torch.allclose(p16[0], p64[1], rtol=0, atol=1e-6)
+    # With a second iteration the quadrants still merge to four segments in both modes.
+    assert len(merge_attention(aggregated, (1.1, 1.1), 4, first_merge_dtype="float16")[0]) == 4
+
+
+def test_float16_threshold_is_rounded_like_the_official_code():
+    # Map 0 uniform, maps 1-3 one peaked map y: KL(map 0, y) = 1.0998 exactly, below 1.1, but its
+    # float16 value rounds to 1.0996 = float16(1.1), which is not below the float16 threshold.
+    p = 0.03156
+    y = torch.tensor([p, p, p, 1 - 3 * p], dtype=torch.float64)
+    maps = torch.stack([torch.full((4,), 0.25, dtype=torch.float64), y, y, y])
+    assert 1.0996 < kl_matrix(maps[:1].reshape(1, 2, 2), y.reshape(1, 2, 2)).item() < 1.1
+    assert kl_float16(maps[:1].reshape(1, 2, 2), y.reshape(1, 2, 2)).item() == 1.099609375
+    aggregated = maps.reshape(1, 2, 2, 2, 2)
+    p64 = merge_attention(aggregated, (1.1,), num_points=2)[0]
+    p16 = merge_attention(aggregated, (1.1,), num_points=2, first_merge_dtype="float16")[0]
+    torch.testing.assert_close(p64[0].reshape(-1), maps.mean(0), rtol=0, atol=1e-15)
+    assert torch.equal(p16[0].reshape(-1), maps[0])
+
+
+@pytest.mark.parametrize("thresholds", [(1.1, 1.1), (0.9, 1.1, 1.1)])
+def test_float16_first_merge_equals_the_official_transcription(thresholds):
+    # Peaked attention: about 86% of the 256 maps hold entries float16 rounds to 0.
+    aggregated = aggregate_attention(realistic_attention(size=16, temperature=12.0, seed=1))
+    maps = aggregated[0].reshape(256, 256)
+    assert 0.5 < (maps <= 2**-25).any(dim=1).double().mean() < 1
+    p16 = merge_attention(aggregated, thresholds, num_points=8, first_merge_dtype=torch.float16)
+    expected = reference_merge(aggregated[0], thresholds, num_points=8, dtype=torch.float16)
+    assert torch.equal(p16[0], expected)
+    labels = segment_attention(aggregated, thresholds, 8, first_merge_dtype="float16")
+    assert torch.equal(
+        labels[0], reference_segment(aggregated[0], thresholds, 8, dtype=torch.float16)
+    )
+    # float64 keeps the anchors float16 loses: more segments, other labels.
+    assert len(merge_attention(aggregated, thresholds, num_points=8)[0]) > len(p16[0])
+
+
+def test_float16_with_every_anchor_underflowing_is_a_clear_error():
+    maps = torch.eye(4, dtype=torch.float64) * 0.97 + 0.01
+    maps[torch.arange(4), (torch.arange(4) + 1) % 4] = 1e-9  # one entry of every map
+    aggregated = (maps / maps.sum(dim=1, keepdim=True)).reshape(1, 2, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"no proposal is left.*first_merge_dtype=float64"):
+        merge_attention(aggregated, (1.1,), num_points=2, first_merge_dtype="float16")
+
+
 def test_proposals_to_labels_hand_example():
     # Two 2x2 proposals; upsampled x2 (half-pixel), the argmax boundary sits in the middle.
     p = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
@@ -155,6 +244,7 @@ def test_kmeans_empty_cluster_is_dropped():
         (torch.rand(1, 4, 4, 4, 4), {"num_points": 1}, "num_points"),
         (torch.rand(1, 4, 4, 4, 4), {"num_points": 5}, r"num_points must be an int in \[2, S=4\]"),
         (torch.rand(1, 4, 4, 4, 4), {"out_size": 0}, "out_size"),
+        (torch.rand(1, 4, 4, 4, 4), {"first_merge_dtype": "float32"}, "first_merge_dtype"),
     ],
 )
 def test_bad_input(aggregated, kwargs, match):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffseg.merge import merge_attention
 from diffseg.pipeline import DiffSegOutput, DiffSegPipeline, center_crop_resize
 
 RES = 128
@@ -39,6 +40,16 @@ def test_labels_and_intermediates(pipe, images):
         assert 1 < labels.unique().numel() <= len(proposals)
     # The one-call path (segment_attention) gives the same labels as the intermediates path.
     assert torch.equal(pipe(images, resolution=RES, kl_threshold=KL), out.labels)
+
+
+def test_first_merge_dtype_reaches_the_merge(pipe, images):
+    half = dict(resolution=RES, kl_threshold=KL, first_merge_dtype="float16")
+    out = pipe(images, return_intermediates=True, **half)
+    expected = merge_attention(out.aggregated, KL, first_merge_dtype="float16")
+    for got, want in zip(out.proposals, expected, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(pipe(images, **half), out.labels)
+    assert not torch.equal(out.labels, pipe(images, resolution=RES, kl_threshold=KL))
 
 
 def test_batch_of_two_equals_two_singles(pipe, images):

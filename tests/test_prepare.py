@@ -82,7 +82,7 @@ def test_download_extract_and_idempotence(tmp_path, server):
     data, labels = ade_archive(tmp_path)
     root = tmp_path / "data" / "ade20k"
     cfg = {"name": "ade20k", "root": str(root), "split": "val", "resolution": 512,
-           "on_error": "raise", "kl_threshold": [1.1] * 3,
+           "on_error": "raise",
            "sources": [server.source("/ADEChallengeData2016.zip", data, extract_to=".")]}  # fmt: skip
     out = []
     report = prepare(cfg, progress=False, echo=out.append)

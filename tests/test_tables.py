@@ -42,8 +42,6 @@ def settings_of(*overrides, model="sd14"):
         cfg = compose("config", overrides=[*fixed, *overrides])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     protocol = Protocol.from_config(resolved["protocol"])
-    if resolved["dataset"]["name"] in protocol.splits:
-        resolved["dataset"]["split"] = protocol.splits[resolved["dataset"]["name"]]
     resolution = protocol.input_resolution or resolved["dataset"]["resolution"]
     size = SPLIT_SIZES.get(resolved["dataset"]["name"])
     return record.settings(resolved, model, protocol, resolution, torch.device("cpu"), size)

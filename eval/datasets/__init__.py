@@ -30,7 +30,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 # Keys of conf/dataset/*.yaml that are not loader options: eval.prepare's.
 CONFIG_ONLY_KEYS = ("name", "sources", "manual_steps")
-FILE_OPTIONS = ("on_error", "antialias", "keep_size")
+FILE_OPTIONS = ("on_error", "antialias", "keep_size", "jpeg_decoder")
 # Options of one dataset only.
 DATASET_OPTIONS = {"pascal_context59": ("background",)}
 SYNTHETIC_OPTIONS = ("length", "seed", "n_class", "regions", "noise", "texture", "on_error")
@@ -51,8 +51,10 @@ def get_dataset(
     """Build dataset ``name`` from ``root``.
 
     ``options``: ``on_error`` ("raise" or "skip"), ``antialias`` (image resize, default False as
-    the official TF2 resize), ``keep_size`` (no crop or resize); the synthetic dataset takes
-    ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead.  Config keys
+    the official TF2 resize), ``keep_size`` (no crop or resize), ``jpeg_decoder`` ("tf", default:
+    as the official pipeline's ``tf.io.decode_jpeg``; "pil": Pillow, as DiffCut); the synthetic
+    dataset takes ``length``, ``seed``, ``n_class``, ``regions``, ``noise``, ``texture`` instead
+    (and ignores ``jpeg_decoder`` and ``keep_size``, which ``protocol=diffcut`` sets for every dataset).  Config keys
     that are not loader options (``sources``, ``manual_steps``) are accepted
     and ignored, so a whole ``cfg.dataset`` can be passed.
 
@@ -65,6 +67,10 @@ def get_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     options = {k: v for k, v in options.items() if k not in CONFIG_ONLY_KEYS}
+    if name == "synthetic":
+        # Generated square at `resolution`, never encoded: the loader never crops or decodes.
+        options.pop("jpeg_decoder", None)
+        options.pop("keep_size", None)
     cache_dtype = options.pop("cache_dtype", "float32")
     cache_dir = options.pop("cache_dir", None)
     columns = options.pop("columns", None)

@@ -8,18 +8,22 @@ for the image (torch ``interpolate(mode="bilinear", align_corners=False, antiali
 nearest neighbour with half-pixel centres for the label (TF2 picks source index
 ``floor((i + 0.5) * in / out)``, which is torch's ``nearest-exact``, not ``nearest``).  The official
 code feeds the model ``x / 127.5 - 1``; items here carry the same image as ``x / 255`` in [0, 1].
-Images are decoded with Pillow (libjpeg); TF's ``decode_jpeg`` may differ by a grey level on some
-pixels, nothing else differs.
+JPEGs are decoded as ``jpeg_decoder`` says (:func:`decode_image`): ``tf`` (default) as the official
+pipeline's ``tf.io.decode_jpeg`` (libjpeg-turbo's fast integer DCT, fancy upsampling), ``pil``
+with Pillow (accurate integer DCT, as DiffCut's ``torchvision.io.read_image``); the two differ by
+a few grey levels on many pixels. Other formats (PNG) are decoded with Pillow.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -29,6 +33,8 @@ IGNORE = -1
 # Marks label values that the dataset's convention does not define (an error, never a class).
 _UNDEFINED = -2
 ON_ERROR = ("raise", "skip")
+JPEG_DECODERS = ("tf", "pil")
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class SplitSizeWarning(UserWarning):
@@ -133,28 +139,51 @@ def map_label(
     return label
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)``; raises :class:`DataFileError` naming the file when unreadable.
+def check_jpeg_decoder(jpeg_decoder: str) -> None:
+    if jpeg_decoder not in JPEG_DECODERS:
+        raise ValueError(
+            f"dataset.jpeg_decoder must be one of {JPEG_DECODERS} (tf: as TF's decode_jpeg, the "
+            f"official DiffSeg pipeline; pil: Pillow, as DiffCut), got {jpeg_decoder!r}"
+        )
 
+
+def decode_image(data: bytes, jpeg_decoder: str, what: str) -> np.ndarray:
+    """Encoded image ``data`` -> RGB uint8 ``(H, W, 3)``; :class:`DataFileError` naming ``what``.
+
+    A JPEG with ``jpeg_decoder="tf"``: libjpeg-turbo with the fast integer DCT and fancy
+    upsampling (``simplejpeg``), bit-identical to ``tf.io.decode_jpeg``'s defaults, which the
+    official DiffSeg data pipeline uses. Otherwise Pillow (for JPEG: the accurate integer DCT).
     16-bit grey images keep their high byte, as Pillow decodes 16-bit colour PNGs (Pillow's own
     conversion would clip them at 255, nearly white); 32-bit integer or float images, whose range
     is unknown, are refused.
     """
     try:
-        with Image.open(path) as im:
+        if jpeg_decoder == "tf" and data[:3] == _JPEG_MAGIC:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+        with Image.open(io.BytesIO(data)) as im:
             if im.mode.startswith("I;16"):
                 grey = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=-1)
             if im.mode in ("I", "F"):
                 raise DataFileError(
-                    f"image {path} has PIL mode {im.mode!r} (32-bit integer or float pixels of "
+                    f"{what} has PIL mode {im.mode!r} (32-bit integer or float pixels of "
                     "unknown range); save it as an 8- or 16-bit image"
                 )
             return np.array(im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, DataFileError):
             raise
+        raise DataFileError(f"cannot decode {what}: {e}") from e
+
+
+def read_image(path: Path, jpeg_decoder: str = "tf") -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)`` decoded by :func:`decode_image`; raises :class:`DataFileError`
+    naming the file when unreadable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
         raise DataFileError(f"cannot read image {path}: {e}") from e
+    return decode_image(data, jpeg_decoder, f"image {path}")
 
 
 def read_label(path: Path) -> np.ndarray:
@@ -208,7 +237,9 @@ class SegmentationFiles(Dataset):
         keep_size: bool = False,
         on_error: str = "raise",
         expected_size: int | None = None,
+        jpeg_decoder: str = "tf",
     ) -> None:
+        check_jpeg_decoder(jpeg_decoder)
         samples, skipped_ids = index_pairs(name, candidates, on_error)
         if not keep_size and (not isinstance(resolution, int) or resolution < 1):
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
@@ -220,6 +251,7 @@ class SegmentationFiles(Dataset):
         self.resolution = resolution
         self.antialias = antialias
         self.keep_size = keep_size
+        self.jpeg_decoder = jpeg_decoder
         self.on_error = on_error
         # Pairs dropped while indexing (named in the run's summary, results and ledger); later
         # failures of a pair only count, in `skipped`, since a worker cannot report back.
@@ -245,7 +277,7 @@ class SegmentationFiles(Dataset):
         """Decoded image ``(H, W, 3)`` uint8, raw label ids ``(H, W)``, the names errors give
         them, and the item's id. Subclasses that read pairs elsewhere override this alone."""
         s = self.samples[index]
-        image, raw = read_image(s.image), read_label(s.label)
+        image, raw = read_image(s.image, self.jpeg_decoder), read_label(s.label)
         return image, raw, f"image {s.image}", f"label {s.label}", s.id
 
     def load(self, index: int) -> dict:

@@ -12,9 +12,10 @@ after crop, resize and label mapping, so reading it is a memory-mapped copy:
   fine), so ``on_error`` applies when reading, exactly as with the files.
 
 Location: ``<cache root>/<name>-<split>-<resolution>-<key>/``, the cache root being
-``dataset.cache_dir`` or, by default, ``<root>/.cache`` (:func:`cache_root`), where ``key`` hashes everything
-that changes the stored values (dataset, split, resolution, antialias, dtype, source and column
-mapping, synthetic options).  Next to the Arrow data, ``fingerprint.json`` records the inputs:
+``dataset.cache_dir`` or, by default, ``<root>/.cache`` (:func:`cache_root`), where ``key`` hashes
+everything that changes the stored values (dataset, split, resolution, antialias, JPEG decoder,
+dtype, source and column mapping, synthetic options).  Next to the Arrow data, ``fingerprint.json``
+records the inputs:
 every source file's path, size and mtime (or the Parquet files / hub fingerprint), the label
 lookup table, the class names and a hash of the preprocessing code.  A cache whose fingerprint
 differs is rebuilt, with a message, never used.  It is written into a temporary folder and renamed
@@ -310,7 +311,10 @@ class CachedDataset(Dataset):
 
 def key_options(dataset: Dataset, source: str | None, columns: Mapping | None) -> dict:
     """The options, besides name, split and resolution, that change the stored values."""
-    attrs = ("antialias", "keep_size", "length", "seed", "n_class", "regions", "noise", "texture")
+    attrs = (
+        *("antialias", "keep_size", "jpeg_decoder"),  # file datasets
+        *("length", "seed", "n_class", "regions", "noise", "texture"),  # synthetic
+    )
     options = {a: getattr(dataset, a) for a in attrs if hasattr(dataset, a)}
     return {**options, "source": source, "columns": dict(columns) if columns else None}
 

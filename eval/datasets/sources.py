@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from eval.datasets.ade20k import lut as ade20k_lut
-from eval.datasets.base import DataFileError, SegmentationFiles
+from eval.datasets.base import DataFileError, SegmentationFiles, decode_image
 from eval.datasets.cityscapes import lut as cityscapes_lut
 from eval.datasets.classes import (
     ADE20K_CLASSES,
@@ -102,11 +102,16 @@ def load_table(source: str, split: str | None, cache_dir: Path | None = None) ->
     )
 
 
-def _array(value: Any, what: str, label: bool) -> np.ndarray:
+def _array(value: Any, what: str, label: bool, jpeg_decoder: str = "tf") -> np.ndarray:
     """A table cell (PIL image, ``{"bytes": ...}`` dict, raw bytes or nested list) as an array:
-    RGB uint8 ``(H, W, 3)`` for images, raw ids ``(H, W)`` for labels."""
-    if isinstance(value, dict):
+    RGB uint8 ``(H, W, 3)`` for images (encoded bytes decoded by ``base.decode_image`` with
+    ``jpeg_decoder``), raw ids ``(H, W)`` for labels."""
+    if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+        value = Path(value["path"]).read_bytes()  # an undecoded cell that names its file
+    elif isinstance(value, dict):
         value = value.get("bytes")
+    if isinstance(value, bytes) and not label:
+        return decode_image(value, jpeg_decoder, what)
     if isinstance(value, bytes):
         try:
             value = Image.open(io.BytesIO(value))
@@ -152,6 +157,12 @@ class TableSegmentation(SegmentationFiles):
                 f"{name}: dataset.source={source} has columns {table.column_names}, not {missing}; "
                 "map them with dataset.columns={image: ..., label: ..., id: ...}"
             )
+        import datasets as hf
+
+        feature = table.features[columns["image"]]
+        if isinstance(feature, hf.Image) and feature.decode:
+            # The encoded bytes, not the table's own (Pillow) decoding: dataset.jpeg_decoder decides.
+            table = table.cast_column(columns["image"], hf.Image(decode=False))
         self.table, self.source, self.columns = table, source, dict(columns)
         ids = (
             [str(i) for i in table[columns["id"]]]
@@ -167,7 +178,7 @@ class TableSegmentation(SegmentationFiles):
     def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str, str, str]:
         row = self.table[index]
         where = f"{self.source} row {index} (id {self.ids[index]})"
-        image = _array(row[self.columns["image"]], f"image of {where}", label=False)
+        image = _array(row[self.columns["image"]], f"image of {where}", False, self.jpeg_decoder)
         raw = _array(row[self.columns["label"]], f"label of {where}", label=True)
         return image, raw, f"image of {where}", f"label of {where}", self.ids[index]
 

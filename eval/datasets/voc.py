@@ -6,8 +6,9 @@
   boundaries, ignored), ids from ``ImageSets/Segmentation/<split>.txt`` (val: 1,449).
 * ``pascal_context59`` (Mottaghi et al., CVPR 2014): ``VOCdevkit/VOC2010/JPEGImages/<id>.jpg``,
   ``SegmentationClassContext/<id>.png`` (8-bit maps, 0 background, 1..59 the 59 most frequent
-  classes, as written by mmseg's ``tools/dataset_converters/pascal_context.py``), ids from
-  ``ImageSets/SegmentationContext/<split>.txt`` (val: 5,105).  As mmseg's
+  classes in alphabetical order, as written by mmseg's
+  ``tools/dataset_converters/pascal_context.py``; see ``classes.PASCAL_CONTEXT59_CLASSES``),
+  ids from ``ImageSets/SegmentationContext/<split>.txt`` (val: 5,105).  As mmseg's
   ``PascalContextDataset59`` with ``reduce_zero_label=True`` (the 59-class benchmark DiffCut and
   others report): 0 -> ignore, 1..59 -> 0..58, 255 -> ignore.  With ``background=True``, the
   60-class variant with background (DiffCut's Pascal Context): 0 -> 0 "background", 1..59 -> 1..59.
