@@ -26,7 +26,7 @@ import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
 IGNORE = -1
@@ -170,10 +170,12 @@ def decode_image(data: bytes, jpeg_decoder: str, what: str) -> np.ndarray:
                     "unknown range); save it as an 8- or 16-bit image"
                 )
             return np.array(im.convert("RGB"))
+    except UnidentifiedImageError as e:  # its message names an in-memory buffer, not the file
+        raise DataFileError(f"cannot read {what}: not an image format Pillow knows") from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, DataFileError):
             raise
-        raise DataFileError(f"cannot decode {what}: {e}") from e
+        raise DataFileError(f"cannot read {what}: {e}") from e
 
 
 def read_image(path: Path, jpeg_decoder: str = "tf") -> np.ndarray:
