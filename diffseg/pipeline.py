@@ -36,7 +36,12 @@ from diffseg.attention import (
     capture_self_attention,
     self_attention_layers,
 )
-from diffseg.merge import merge_attention, proposals_to_labels, segment_attention
+from diffseg.merge import (
+    check_merge_settings,
+    merge_attention,
+    proposals_to_labels,
+    segment_attention,
+)
 from diffseg.models import build_tiny
 
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
@@ -504,6 +509,9 @@ class DiffSegPipeline:
         `noise`: add scheduler noise at `timestep` (drawn for the whole batch from `seed`); off in
         the official method. Labels are returned on the CPU; intermediates stay on the device.
         """
+        # Before the UNet pass: a bad merge setting would otherwise fail only after it.
+        self._check_resolution(resolution)
+        check_merge_settings(resolution, num_points, kl_threshold, self.vae_scale_factor)
         attention, aggregated = self._attend(
             images, timestep, weights, resolution, prompt, noise, seed
         )
