@@ -2,16 +2,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Without CUDA, pin the CPU build of torch first: a bare `torch` requirement would pull a
-# multi-GB CUDA wheel. With a GPU, let pip pick the default (CUDA) build.
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.2" || echo "torch==2.13.0")
+# torch first, the build this machine can use. The package index's Linux wheel of torch is the
+# CUDA build (GBs of nvidia-* and triton), so without an NVIDIA driver (no nvidia-smi) setup asks
+# for the CPU build, torch==X+cpu: from a wheel pip already finds (its find-links), else from
+# PyTorch's CPU index. With nvidia-smi: the index's CUDA build. macOS wheels are CPU builds.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
+TORCH_BUILD ?= cuda
+else ifeq ($(shell uname -s 2>/dev/null),Darwin)
+TORCH_BUILD ?= default
+else
+TORCH_BUILD ?= cpu
+endif
 
 .PHONY: setup test lint format bench demo clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH_SPEC)"
+ifeq ($(TORCH_BUILD),cpu)
+	$(PY) -m pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || { \
+		echo "No local torch $(TORCH_VERSION)+cpu wheel: installing it from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); }
+else
+	$(PY) -m pip install "torch==$(TORCH_VERSION)"
+endif
 	$(PY) -m pip install -e ".[dev]"
 
 # Two pytest workers on two cores: one torch thread each, or they oversubscribe and crawl.

@@ -24,15 +24,55 @@ def sampling_grid(num_points: int, size: int) -> torch.Tensor:
     """
     if not isinstance(size, int) or size < 2:
         raise ValueError(f"size must be an int >= 2, got {size!r}")
-    if not isinstance(num_points, int) or not 2 <= num_points <= size:
-        raise ValueError(
-            f"num_points must be an int in [2, S={size}] (anchors per side), got {num_points!r}"
-        )
+    _check_num_points(num_points, size)
     segment_len = (size - 1) // (num_points - 1)
     start = (size - 1 - segment_len * (num_points - 1)) // 2
     coords = start + segment_len * torch.arange(num_points)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)
+
+
+def _check_num_points(num_points: int, size: int, where: str = "") -> None:
+    # The grid spacing (size - 1) // (num_points - 1) needs two anchors per side at least, and
+    # more anchors than maps per side would repeat positions.
+    if isinstance(num_points, int) and not isinstance(num_points, bool) and 2 <= num_points <= size:
+        return
+    raise ValueError(
+        f"num_points must be an int in [2, S={size}] (anchors per side of the S x S attention "
+        f"maps{where}), got {num_points!r}; the official value is 16"
+    )
+
+
+def check_merge_settings(
+    resolution: int,
+    num_points: int = 16,
+    kl_threshold: Sequence[float] = (1.1, 1.1, 1.1),
+    vae_scale_factor: int = 8,
+) -> int:
+    """Check the merging settings against the input ``resolution`` before any model runs.
+
+    The merge runs on the aggregated attention, whose side ``S`` is that of the largest
+    self-attention map: the latent, ``resolution / vae_scale_factor`` (8 for Stable Diffusion:
+    ``S = 64`` at 512). ``num_points`` anchors per side must fit on it (:func:`sampling_grid`)
+    and ``kl_threshold`` needs one finite positive value per iteration. Raises ``ValueError``
+    naming the setting; returns ``S``.
+    """
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, int)
+        or resolution <= 0
+        or resolution % vae_scale_factor
+    ):
+        raise ValueError(
+            f"resolution must be a positive multiple of the VAE factor {vae_scale_factor}, "
+            f"got {resolution!r}"
+        )
+    size = resolution // vae_scale_factor
+    _check_num_points(
+        num_points, size, f": the latent of a {resolution}px image, VAE factor {vae_scale_factor}"
+    )
+    _check_thresholds(kl_threshold)
+    return size
 
 
 def _check_thresholds(kl_threshold: Sequence[float]) -> list[float]:

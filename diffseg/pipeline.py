@@ -36,7 +36,12 @@ from diffseg.attention import (
     capture_self_attention,
     self_attention_layers,
 )
-from diffseg.merge import merge_attention, proposals_to_labels, segment_attention
+from diffseg.merge import (
+    check_merge_settings,
+    merge_attention,
+    proposals_to_labels,
+    segment_attention,
+)
 from diffseg.models import build_tiny
 
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
@@ -513,6 +518,9 @@ class DiffSegPipeline:
         code's arithmetic for merge iteration 1; see `diffseg.merge.merge_attention`). Labels are
         returned on the CPU; intermediates stay on the device.
         """
+        # Before the UNet pass: a bad merge setting would otherwise fail only after it.
+        self._check_resolution(resolution)
+        check_merge_settings(resolution, num_points, kl_threshold, self.vae_scale_factor)
         attention, aggregated = self._attend(
             images, timestep, weights, resolution, prompt, noise, seed
         )

@@ -2,4 +2,22 @@
 
 Sub-modules are imported on demand (``eval.matching``, ``eval.metrics``, ``eval.tables``...), so
 importing the package itself stays cheap and pulls in neither torch nor pandas.
+
+``${diffseg_home:}`` in ``conf/*.yaml`` is :func:`home`: default paths (``data/``, ``outputs/``)
+resolve against it, not against the current directory.
 """
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def home() -> Path:
+    """``$DIFFSEG_HOME`` when set, else the project root (the folder holding ``conf/``)."""
+    return Path(os.environ.get("DIFFSEG_HOME") or PROJECT_ROOT).expanduser().resolve()
+
+
+OmegaConf.register_new_resolver("diffseg_home", lambda: str(home()), replace=True)

@@ -10,33 +10,70 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from eval import jobs
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Under torchrun only rank 0 records the run's state.
+IS_MAIN_RANK = os.environ.get("RANK", "0") in ("", "0")
 
 
-def fail(error: BaseException) -> None:
-    """One clear line for an error that stops a run (the traceback with HYDRA_FULL_ERROR=1)."""
+def fail(error: BaseException, log: Path | None = None) -> NoReturn:
+    """One clear line for an error that stops a run, and where its traceback is (``log``, the
+    run's error.log; HYDRA_FULL_ERROR=1 raises it here)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"\nError: {type(error).__name__}: {error}", file=sys.stderr)
-    print("(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+    print(f"\nError: {jobs.error_text(error)}", file=sys.stderr)
+    hint = f"full traceback in {log}" if log else "set HYDRA_FULL_ERROR=1 for the full traceback"
+    print(f"({hint})", file=sys.stderr)
     sys.exit(1)
 
 
+def job_failed(cfg: DictConfig, error: Exception) -> jobs.FailedRun:
+    """A single run stops (one line, exit 1); a sweep's job reports its failure and returns, so
+    that the other jobs run (``jobs.SweepSummary`` lists the failures at the end)."""
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    log = jobs.record_failure(run_dir, error, overrides) if IS_MAIN_RANK else None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        fail(error, log)
+    print(
+        f"\nError in job {hydra_cfg.job.num} ({' '.join(overrides)}): {jobs.error_text(error)}"
+        f"\n(traceback in {log}; the sweep goes on)",
+        file=sys.stderr,
+    )
+    return jobs.FailedRun(jobs.error_text(error), str(log))
+
+
+def interrupted(cfg: DictConfig) -> NoReturn:
+    """Ctrl-C: one line with what was kept and the command that resumes; exit status 130."""
+    if IS_MAIN_RANK:
+        overrides = list(HydraConfig.get().overrides.task)
+        print("\n" + jobs.record_interrupt(Path(cfg.paths.output_dir), overrides), file=sys.stderr)
+    sys.exit(130)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Returns the run's mIoU (a fraction), the objective Hydra sweepers such as Optuna read."""
+def main(cfg: DictConfig) -> float | jobs.FailedRun:
+    """Returns the run's mIoU (a fraction), the objective Hydra sweepers such as Optuna read
+    (a failed job of a sweep: :class:`eval.jobs.FailedRun`)."""
     from eval.run import evaluate
 
     try:
         outputs = evaluate(cfg)
         # Under torchrun only rank 0 has the results; the other ranks return nan.
         return float(outputs.results["miou"]) if outputs is not None else float("nan")
+    except KeyboardInterrupt:
+        interrupted(cfg)
     except Exception as e:
-        fail(e)
+        return job_failed(cfg, e)
 
 
 def start_distributed() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from eval import home
 from eval.atomic import write_csv_atomic
 
 LEDGER_VERSION = 2
@@ -168,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("append", help="append a finished run's results.csv to the ledger")
     add.add_argument("run_dir", help="the run's folder (holds results.csv)")
-    add.add_argument("--ledger", default="outputs/ledger.csv", help="the ledger CSV")
+    add.add_argument(
+        "--ledger", default=str(home() / "outputs" / "ledger.csv"), help="the ledger CSV"
+    )
     args = parser.parse_args(argv)
     try:
         added = append_run(args.run_dir, args.ledger)

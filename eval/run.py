@@ -5,7 +5,8 @@ Resumable: each finished image is appended to ``per_image.jsonl`` (flushed and f
 integer TP/FP/FN counts from ``eval.matching``; the metric adds those counts (``update(counts=)``),
 the stored ones of a resumed run's finished images as the new ones. It only sums integers, so the
 numbers are exactly those of a run that never stopped. ``run.json`` pins the
-settings that decide the numbers; resuming with different ones is refused.
+settings that decide the numbers; resuming with different ones is refused. It also holds the
+run's ``status`` (``eval.jobs``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from eval.atomic import (
 )
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.datasets.base import DataFileError
+from eval.jobs import set_status
 from eval.matching import match_per_image
 from eval.metrics import HungarianIoU, scores_from_counts
 from eval.protocol import (
@@ -171,8 +173,13 @@ def open_run_state(
     """
     path = run_dir / "run.json"
     state = read_json_or_none(path)
-    if state is None:
-        state = {"run_id": uuid.uuid4().hex[:12], "created": _now(), "pinned": pinned}
+    if state is None or "pinned" not in state:  # none, or a run that failed before it started
+        state = {
+            "run_id": uuid.uuid4().hex[:12],
+            "created": _now(),
+            "pinned": pinned,
+            "status": "running",
+        }
         if config is not None:
             write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
         write_json_atomic(path, state)
@@ -189,6 +196,7 @@ def open_run_state(
             + "\n  ".join(diffs)
             + "\nRun again with the original settings, or drop hydra.run.dir to start a new run."
         )
+    set_status(run_dir, "running")
     return state
 
 
@@ -588,6 +596,11 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     seed_everything(cfg.seed)
 
     protocol = Protocol.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
+    # Settings checked before the data and the model load.
+    resolution = protocol.input_resolution or cfg.dataset.get("resolution") or 512
+    check_resolution_pair(protocol, resolution)
+    segmenter = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    call = segmenter_call(segmenter, resolution, cfg.seed)
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     check_dataset(protocol, dataset_cfg)
     dataset = get_dataset(**dataset_cfg)
@@ -611,10 +624,6 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     if not rank.is_main:
         records = {}  # rank 0 holds (and scores) the finished images; this rank only its new ones
 
-    resolution = protocol.input_resolution or cfg.dataset.get("resolution") or 512
-    check_resolution_pair(protocol, resolution)
-    segmenter = OmegaConf.to_container(cfg.segmenter, resolve=True)
-    call = segmenter_call(segmenter, resolution, cfg.seed)
     choices = HydraConfig.get().runtime.choices
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["experiment"] = cfg.experiment or choices.get("experiment") or ""
@@ -676,5 +685,6 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     logger.finish()
     # Last, so that a run failing anywhere before leaves no row.
     append_to_ledger(outputs)
+    set_status(run_dir, "finished")
     print_summary(outputs, cfg.save_predictions)
     return outputs

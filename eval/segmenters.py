@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from diffseg.kmeans import kmeans_segment
+from diffseg.merge import check_merge_settings
 
 SEGMENTERS = ("diffseg", "kmeans_c", "kmeans_s")
 KMEANS_KEYS = ("timestep", "weights", "prompt", "noise", "n_clusters", "seed")
@@ -27,6 +28,9 @@ GT = "gt"
 def segmenter_call(segmenter: Mapping[str, Any], resolution: int, seed: int) -> dict[str, Any]:
     """The checked call settings for :func:`segment_batch` from ``cfg.segmenter`` (a plain dict).
 
+    Everything that can be checked without the model is (``diffseg``: the merge settings against
+    ``resolution``, :func:`diffseg.merge.check_merge_settings`), so a bad value fails before it loads.
+
     ``seed`` (the run's) is used unless the segmenter config sets its own.
     """
     name = segmenter.get("name")
@@ -34,6 +38,9 @@ def segmenter_call(segmenter: Mapping[str, Any], resolution: int, seed: int) -> 
         raise ValueError(f"segmenter.name={name!r} is unknown; choose one of {list(SEGMENTERS)}")
     call = {"seed": seed, **segmenter, "resolution": resolution}
     if name == "diffseg":
+        # Checked here, before the model loads (SD 1.4: 4 GB), rather than after its first pass.
+        merge = {k: call[k] for k in ("num_points", "kl_threshold") if k in call}
+        check_merge_settings(resolution, **merge)
         return call
     unknown = sorted(set(segmenter) - {"name", *KMEANS_KEYS})
     if unknown:

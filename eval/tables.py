@@ -28,8 +28,8 @@ from typing import Any
 
 import pandas as pd
 
+from eval import home, paper
 from eval import ledger as ledger_io
-from eval import paper
 from eval.atomic import atomic_open, write_text_atomic
 from eval.columns import SETTING_COLUMNS
 
@@ -417,8 +417,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m eval.tables", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--ledger", default="outputs/ledger.csv", help="run ledger CSV")
-    parser.add_argument("--out", default="outputs/tables", help="output folder")
+    outputs = home() / "outputs"
+    parser.add_argument("--ledger", default=str(outputs / "ledger.csv"), help="run ledger CSV")
+    parser.add_argument("--out", default=str(outputs / "tables"), help="output folder")
     parser.add_argument(
         "--table", action="append", choices=list(paper.TABLES), help="table(s) (default: all)"
     )

@@ -19,11 +19,14 @@ def offline_env(**extra: str) -> dict[str, str]:
 
 
 def run_module(module: str, cwd: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` in ``cwd`` with :func:`offline_env`; output captured as text."""
+    """``python -m MODULE ARGS`` in ``cwd`` with :func:`offline_env`; output captured as text.
+
+    ``DIFFSEG_HOME`` (where default ``data/`` and ``outputs/`` go) is ``cwd`` unless given, so
+    that a test never writes into the project."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=offline_env(**env_extra),
+        env=offline_env(**{"DIFFSEG_HOME": str(cwd), **env_extra}),
         capture_output=True,
         text=True,
         timeout=300,

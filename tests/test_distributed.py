@@ -36,7 +36,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     out = subprocess.run(
         cmd,
         cwd=cwd,
-        env=offline_env(PYTHONPATH=str(Path.cwd())),
+        env=offline_env(PYTHONPATH=str(Path.cwd()), DIFFSEG_HOME=str(cwd)),
         capture_output=True,
         text=True,
         timeout=300,

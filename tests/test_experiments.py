@@ -139,7 +139,9 @@ def multiruns(tmp_path_factory):
         ]
         log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed below
         procs[name] = (
-            subprocess.Popen(cmd, cwd=tmp, env=offline_env(), stdout=log, stderr=log),
+            subprocess.Popen(
+                cmd, cwd=tmp, env=offline_env(DIFFSEG_HOME=str(tmp)), stdout=log, stderr=log
+            ),
             log,
         )
     for proc, log in procs.values():

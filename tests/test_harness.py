@@ -68,7 +68,7 @@ def run_eval(cwd: Path, *args: str, wait: bool = True, **env_extra: str):
         return subprocess.Popen(
             [sys.executable, "-m", "eval", *args],
             cwd=cwd,
-            env=offline_env(**env_extra),
+            env=offline_env(DIFFSEG_HOME=str(cwd), **env_extra),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -290,7 +290,14 @@ def test_missing_dataset_gives_the_loader_message_and_no_ledger_row(tmp_path: Pa
     )
     assert out.returncode == 1
     assert "python -m eval.prepare" in out.stderr and str(tmp_path / "nowhere") in out.stderr
-    assert not (tmp_path / "ledger.csv").exists() and not (tmp_path / "run" / "run.json").exists()
+    assert "Traceback" not in out.stderr and str(tmp_path / "run" / "error.log") in out.stderr
+    assert not (tmp_path / "ledger.csv").exists()
+    # Marked failed in its folder, with the error and its traceback in the run's own log.
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert state["status"] == "failed" and "pinned" not in state
+    assert state["error"].startswith("FileNotFoundError: ") and "dataset=voc" in state["overrides"]
+    log = (tmp_path / "run" / "error.log").read_text()
+    assert "Traceback" in log and "python -m eval.prepare" in log
 
 
 @pytest.mark.slow

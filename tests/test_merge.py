@@ -7,6 +7,7 @@ from diffseg.aggregate import aggregate_attention
 from diffseg.kl import kl_direct, kl_float16, kl_matrix
 from diffseg.merge import (
     _later_merge,
+    check_merge_settings,
     kmeans_refine,
     merge_attention,
     proposals_to_labels,
@@ -250,3 +251,29 @@ def test_kmeans_empty_cluster_is_dropped():
 def test_bad_input(aggregated, kwargs, match):
     with pytest.raises(ValueError, match=match):
         segment_attention(aggregated, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"resolution": 512, "num_points": 1}, r"num_points must be an int in \[2, S=64\].*got 1"),
+        ({"resolution": 64, "num_points": 9}, r"\[2, S=8\].*64px image.*got 9"),
+        ({"resolution": 512, "num_points": 16.0}, "got 16.0"),
+        ({"resolution": 512, "num_points": True}, "got True"),
+        ({"resolution": 100}, "resolution must be a positive multiple of the VAE factor 8"),
+        ({"resolution": 512, "kl_threshold": (1.1, -1.0)}, "positive"),
+    ],
+)
+def test_merge_settings_are_checked_without_attention(settings, match):
+    with pytest.raises(ValueError, match=match):
+        check_merge_settings(**settings)
+
+
+def test_merge_settings_accept_what_the_merge_accepts():
+    # S = resolution / VAE factor: the side of the aggregated attention the anchors are placed on.
+    assert check_merge_settings(512) == 64
+    assert check_merge_settings(64, num_points=8, kl_threshold=[0.9]) == 8
+    assert check_merge_settings(64, num_points=2) == 8
+    assert check_merge_settings(128, num_points=8, vae_scale_factor=4) == 32
+    for num_points in (2, 8):
+        assert len(sampling_grid(num_points, 8)) == num_points**2  # the merge takes both ends

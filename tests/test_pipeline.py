@@ -160,6 +160,23 @@ def test_bad_arguments(pipe, images, kwargs, match):
         pipe(images, **{"resolution": RES, **kwargs})
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_points": 1}, r"num_points must be an int in \[2, S=16\]"),
+        ({"num_points": RES // 8 + 1}, r"got 17"),
+        ({"kl_threshold": (1.1, 0.0)}, "positive"),
+    ],
+)
+def test_bad_merge_settings_fail_before_the_unet_pass(pipe, images, monkeypatch, kwargs, match):
+    def unet_pass(*args, **kw):
+        raise AssertionError("the UNet ran before the merge settings were checked")
+
+    monkeypatch.setattr(pipe, "attention", unet_pass)
+    with pytest.raises(ValueError, match=match):
+        pipe(images, **{"resolution": RES, **kwargs})
+
+
 def test_bad_images(pipe):
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         pipe(torch.full((1, 3, 64, 64), 2.0), resolution=RES)

@@ -259,7 +259,7 @@ def test_rows_without_a_cell_and_old_ledger_rows_fill_nothing(tmp_path):
 
 
 def test_empty_directory_prints_the_published_tables(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFSEG_HOME", str(tmp_path))  # outputs/ is under the project's home
     main([])
     out = capsys.readouterr().out
     assert "no runs recorded yet" in out

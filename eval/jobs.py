@@ -1,0 +1,151 @@
+"""How a run ends when it does not finish, and what a sweep says about its failed jobs.
+
+Each run records its state in ``run.json`` (``status``: running, finished, failed with its
+``error``, interrupted); a failed attempt appends its traceback to ``error.log`` in the run
+directory. In a sweep (``python -m eval -m ...``) a failed job returns :class:`FailedRun`, so
+the other jobs still run, and :class:`SweepSummary` (a Hydra callback, ``conf/config.yaml``) lists
+the failed jobs at the end and exits 1.
+
+Imports neither torch nor the model: the parent process of a sweep loads it as a callback.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from eval.atomic import read_json_or_none, read_jsonl, write_json_atomic
+
+STATE_FILE = "run.json"
+ERROR_LOG = "error.log"
+# A failure may only overwrite these states: a refused resume must not mark a finished (or an
+# interrupted, resumable) run as failed.
+OVERWRITABLE = (None, "running", "failed")
+
+
+def set_status(run_dir: Path, status: str, **fields: Any) -> None:
+    """Set ``status`` (and ``fields``, e.g. ``error``) in ``run_dir/run.json``; a previous
+    ``error`` is dropped."""
+    path = Path(run_dir) / STATE_FILE
+    state = read_json_or_none(path) or {}
+    state.pop("error", None)
+    write_json_atomic(path, {**state, "status": status, **fields})
+
+
+def error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def record_failure(run_dir: Path, error: BaseException, overrides: Sequence[str]) -> Path:
+    """Append ``error`` with its traceback to ``run_dir/error.log`` and mark the run failed.
+
+    ``run.json`` is written unless it holds a state this attempt did not start (finished or
+    interrupted: e.g. a resume refused for other settings). A run that failed before it started
+    (missing data) gets a ``run.json`` without settings, which a later run there replaces.
+    Returns the log's path.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / ERROR_LOG
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"=== {stamp} python -m eval {shlex.join(overrides)}\n")
+        f.write("".join(traceback.format_exception(error)))
+    try:
+        state = read_json_or_none(run_dir / STATE_FILE) or {}
+    except ValueError:  # not JSON (edited by hand; maybe the very error): left as it is
+        return log
+    if state.get("status") in OVERWRITABLE:
+        set_status(run_dir, "failed", error=error_text(error), overrides=list(overrides))
+    return log
+
+
+def resume_command(overrides: Sequence[str], run_dir: Path) -> str:
+    """The command line that resumes the run in ``run_dir`` with the same settings."""
+    return "python -m eval " + shlex.join([*overrides, f"hydra.run.dir={run_dir}"])
+
+
+def finished_images(run_dir: Path) -> int:
+    """The images recorded in the run's per-image logs (every rank's)."""
+    from eval.distributed import RECORDS_FILE, rank_files
+
+    paths = [Path(run_dir) / RECORDS_FILE, *rank_files(Path(run_dir))]
+    return len({r["index"] for path in paths for r in read_jsonl(path)})
+
+
+def record_interrupt(run_dir: Path, overrides: Sequence[str]) -> str:
+    """Mark a started run interrupted; the one line to print: what was kept and how to resume."""
+    run_dir = Path(run_dir).resolve()
+    state = read_json_or_none(run_dir / STATE_FILE) or {}
+    if state.get("status") == "running":
+        set_status(run_dir, "interrupted")
+    return (
+        f"Interrupted: {finished_images(run_dir)} finished image(s) kept in "
+        f"{run_dir / 'per_image.jsonl'}; resume with: {resume_command(overrides, run_dir)}"
+    )
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """What a failed job of a sweep returns instead of its mIoU.
+
+    Not a number on purpose: Optuna's sweeper then marks the trial failed and, with
+    ``max_failure_rate`` above 0, asks for the next one (a ``nan`` return makes the plugin itself
+    raise and ends the search); the basic sweeper ignores return values.
+    """
+
+    error: str
+    log: str
+
+    def __float__(self) -> float:
+        raise ValueError(str(self))
+
+    def __str__(self) -> str:
+        return f"failed run ({self.error}; log: {self.log})"
+
+
+def failed_jobs(sweep_dir: Path) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+    """``(number of jobs, [(job folder relative to the sweep, its run.json)])`` for the failed
+    jobs under ``sweep_dir``, in job order."""
+    states = {
+        str(path.parent.relative_to(sweep_dir)): read_json_or_none(path)
+        for path in Path(sweep_dir).rglob(STATE_FILE)
+    }
+
+    def order(name: str) -> tuple:
+        return tuple(int(p) if p.isdigit() else p for p in Path(name).parts)
+
+    names = sorted(states, key=order)
+    return len(states), [(n, states[n]) for n in names if states[n].get("status") == "failed"]
+
+
+def sweep_summary(sweep_dir: Path) -> str | None:
+    """What failed in the sweep, one job a line with its log (None when nothing failed)."""
+    total, failed = failed_jobs(sweep_dir)
+    if not failed:
+        return None
+    lines = [f"{len(failed)} of {total} jobs failed in {sweep_dir} (the others' results are kept):"]
+    for name, state in failed:
+        error = state.get("error", "").splitlines()[0] if state.get("error") else "unknown error"
+        lines.append(f"  job {name} ({' '.join(state.get('overrides', []))}): {error}")
+        lines.append(f"      log: {Path(sweep_dir) / name / ERROR_LOG}")
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: the failed jobs, then exit 1 (exit 0 when none failed)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summary = sweep_summary(Path(config.hydra.sweep.dir))
+        if summary:
+            print("\n" + summary, file=sys.stderr)
+            sys.exit(1)
