@@ -27,7 +27,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from eval.__main__ import CONFIG_DIR, fail
+from eval import CONFIG_DIR
+from eval.jobs import fail
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Hydra command-line flags that take the next argument as their value.
@@ -133,7 +134,7 @@ def segment_images(
 
     from eval import visualize
     from eval.datasets.base import preprocess_image, read_image
-    from eval.run import resolve_device, seed_everything
+    from eval.runtime import resolve_device, seed_everything
     from eval.segmenters import GT, segment_batch, segmenter_call
 
     images, skipped = readable_images(images, named)
