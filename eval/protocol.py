@@ -30,7 +30,12 @@
   mapping sends every fine id >= 91 to background, unlabelled pixels (255) included; its ADE20K
   labels are the raw ``annotations`` PNGs scored with 150 classes, so "other" (0) counts as class
   0 and the last class (150, "flag") is never scored. By default labels keep the datasets'
-  correct conventions (ignore is ignored; ADE20K classes 1..150).
+  correct conventions (ignore is ignored; ADE20K classes 1..150). With ``compat=True`` the final
+  matching also sees DiffCut's class order (background last, :meth:`Scoring.match`), so that
+  ``linear_sum_assignment`` breaks ties (which absent class takes a leftover cluster's pixels as
+  false positives) exactly as in DiffCut's code; the counts are reported in the dataset's order.
+  The corrected rules keep the dataset's order (background first): ties then break otherwise,
+  which moves false positives between absent classes and so per-class IoUs slightly.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from torch.utils.data import Dataset
 
 from diffseg.pamr import pamr
 from eval.datasets.base import IGNORE, resize_image, resize_label
-from eval.matching import confusion_histogram
+from eval.matching import confusion_histogram, match_per_image
 
 CROPS = ("dataset", "min_minus_one")
 COMPAT_DATASETS = ("voc", "coco_object", "ade20k")
@@ -296,6 +301,13 @@ def refine_labels(
     return torch.from_numpy(median_filter(refined.numpy(), size=3)).long()
 
 
+def background_last(n_class: int, background: int) -> np.ndarray:
+    """DiffCut's class order: ``order[k]`` is the class at DiffCut's index ``k``, the foreground
+    classes in dataset order, then the background (DiffCut relabels its ignored/background pixels
+    ``N_CLASS - 1`` before the final matching)."""
+    return np.array([*(c for c in range(n_class) if c != background), background])
+
+
 @dataclass
 class Scoring:
     """The per-image scoring step of a protocol for one dataset (see :meth:`__call__`)."""
@@ -325,6 +337,23 @@ class Scoring:
         if p.pamr:
             pred = refine_labels(pred, image, p.pamr_iterations, p.pamr_dilations)
         return {**item, "image": image, "label": label}, pred
+
+    def match(
+        self, pred: torch.Tensor, label: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """``eval.matching.match_per_image`` of ``pred (H, W)`` against ``label (H, W)``: per-class
+        ``(tp, fp, fn)`` in the dataset's class order, and the labelled pixel count.
+
+        Under ``compat`` with a background class the matching runs on the classes in DiffCut's
+        order (:func:`background_last`), so its ties break as in DiffCut's code.
+        """
+        if not (self.protocol.compat and self.background is not None):
+            return match_per_image(pred, label, self.n_class)
+        position = torch.from_numpy(np.argsort(background_last(self.n_class, self.background)))
+        valid = (label >= 0) & (label < self.n_class)
+        moved = torch.where(valid, position[label.clamp(0, self.n_class - 1)], label)
+        tp, fp, fn, total = match_per_image(pred, moved, self.n_class)
+        return tp[position], fp[position], fn[position], total
 
     def batch(
         self, items: Sequence[Mapping[str, Any]], preds: Sequence[torch.Tensor]

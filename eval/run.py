@@ -18,9 +18,10 @@ import re
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -319,12 +320,13 @@ def _score_item(
     index: int,
     item: Mapping[str, Any],
     pred: torch.Tensor,
-    n_class: int,
+    match: Callable[[torch.Tensor, torch.Tensor], tuple],
     run_dir: Path,
     cfg: DictConfig,
 ) -> dict[str, Any]:
-    """One image's record for ``per_image.jsonl``; saves its prediction as a label PNG."""
-    tp, fp, fn, total = match_per_image(pred, item["label"], n_class)
+    """One image's record for ``per_image.jsonl``; saves its prediction as a label PNG.
+    ``match``: the protocol's matching (``Scoring.match``), counts in the dataset's class order."""
+    tp, fp, fn, total = match(pred, item["label"])
     scores = scores_from_counts(
         torch.from_numpy(tp), torch.from_numpy(fp), torch.from_numpy(fn), total
     )
@@ -408,6 +410,7 @@ def _loop(
         pin_memory=device.type == "cuda",
     )
     appender = JsonlAppender(distributed.records_file(run_dir, rank.rank))
+    match = score.match if score is not None else partial(match_per_image, n_class=dataset.n_class)
     # Under torchrun only rank 0 shows a bar, for its own share (and the running metrics of it).
     desc = str(cfg.dataset.name) + (f" (rank 0 of {rank.world_size})" if rank.distributed else "")
     bar = tqdm(
@@ -436,7 +439,7 @@ def _loop(
                     # The protocol's scoring view (eval/protocol.py): size, background, PAMR.
                     batch["items"], preds = score.batch(batch["items"], preds)
                 scored = [
-                    _score_item(i, item, pred, dataset.n_class, run_dir, cfg)
+                    _score_item(i, item, pred, match, run_dir, cfg)
                     for i, item, pred in zip(batch["index"], batch["items"], preds, strict=True)
                 ]
                 # Wall time per image with data loading and scoring, without the pictures.

@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
+from scipy.optimize import linear_sum_assignment
 
 from eval.datasets.classes import ADE20K_CLASSES, VOC_CLASSES
 from eval.datasets.synthetic import SyntheticScenes
@@ -135,6 +136,73 @@ def test_assigned_means_pixels_in_any_matched_cluster_as_diffcut():
     label = torch.tensor([[1, 1, 1, 1, 1, 0]])
     merged = merge_unmatched_into_background(pred, label, n_class=3, background=0)
     assert merged.tolist() == [[1, 1, 1, 1, 1, 2]]
+
+
+# ----------------------------------------------------------------------------------------------
+# DiffCut's scoring, transcribed from its code (tools/utils.py, eval_diffcut.py) as the expectation
+
+
+def _diffcut_hist(label_true, label_pred, n_class):
+    pred_n_class = np.maximum(n_class, label_pred.max() + 1)
+    mask = (label_true >= 0) & (label_true < n_class)
+    hist = np.bincount(
+        pred_n_class * label_true[mask] + label_pred[mask], minlength=n_class * pred_n_class
+    )
+    return hist.reshape(n_class, pred_n_class)
+
+
+def _diffcut_hungarian(pred, label, n_class):
+    hist = _diffcut_hist(label.flatten(), pred.flatten(), n_class)
+    row_ind, col_ind = linear_sum_assignment(hist, maximize=True)
+    fn = np.sum(hist, 1) - hist[row_ind, col_ind]
+    tp = hist[row_ind, col_ind]
+    hist = hist[:, col_ind]
+    fp = np.sum(hist, 0) - np.diag(hist)
+    return tp, fp, fn, hist, col_ind
+
+
+def _diffcut_score(pred, label_map, n_class):
+    """One image of a dataset with background: ``label_map`` has -1 for background and the
+    foreground classes 0..n_class-2; returns (tp, fp, fn) in DiffCut's class order."""
+    pred, label_map = pred.copy(), label_map.copy()
+    _, _, _, hist, col_ind = _diffcut_hungarian(pred, label_map, n_class - 1)
+    label_map[label_map == -1] = n_class - 1
+    assigned_gt_clusters = np.where(hist.max(axis=1) > 0)[0].tolist()
+    assigned_pred_clusters = [col_ind[i] for i in assigned_gt_clusters]
+    background_clusters = list(set(np.unique(pred)) - set(assigned_pred_clusters))
+    bg_label = pred.max() + 1
+    for bg_cls in background_clusters:
+        pred[pred == bg_cls] = bg_label
+    tp, fp, fn, _, _ = _diffcut_hungarian(pred, label_map, n_class)
+    return tp, fp, fn
+
+
+def _random_scene(rng, n_class, size=12):
+    """Blocky label (background 0 and up to 3 foreground classes) and clusters (2 to 9)."""
+    present = [0, *rng.choice(np.arange(1, n_class), rng.integers(1, 4), replace=False)]
+    label = rng.choice(present, (3, 3)).repeat(4, 0).repeat(4, 1)
+    pred = rng.integers(0, rng.integers(2, 10), (4, 4)).repeat(3, 0).repeat(3, 1)
+    return torch.from_numpy(pred), torch.from_numpy(label)
+
+
+def test_compat_scoring_equals_diffcut_code_including_ties():
+    n_class, rng = 8, np.random.default_rng(0)
+    protocol = Protocol(name="diffcut", compat=True, background={"voc": "background"})
+    score = Scoring(protocol, n_class=n_class, background=0)
+    background_first = 0
+    for _ in range(60):
+        pred, label = _random_scene(rng, n_class)
+        item, merged = score({"image": torch.zeros(3, 12, 12), "label": label, "id": "x"}, pred)
+        tp, fp, fn, total = score.match(merged, item["label"])
+        # DiffCut's labels: our background 0 is its -1 (then its last class), our c its c - 1.
+        expected = _diffcut_score(pred.numpy(), label.numpy() - 1, n_class)
+        ours_in_diffcut_order = [np.roll(counts, -1) for counts in (tp, fp, fn)]
+        for got, want in zip(ours_in_diffcut_order, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert total == label.numel()
+        background_first += not np.array_equal(match_per_image(merged, label, n_class)[1], fp)
+    # With background first the assignment's ties put false positives on other absent classes.
+    assert background_first > 5
 
 
 # ----------------------------------------------------------------------------------------------
