@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from eval import attention_cache, distributed, paper, record, visualize
+from eval import attention_cache, contingency, distributed, granularity, paper, record, visualize
 from eval import ledger as ledger_io
 from eval.atomic import (
     JsonlAppender,
@@ -268,6 +268,9 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
         ids = json.loads(out.results["skipped_ids"])
         shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
         print(f"Skipped (dataset.on_error=skip): {shown}")
+    line = granularity.summary_line(out.results)
+    if line:
+        print(line)
     deviations = out.results["deviations"]
     if deviations.startswith(paper.NO_CELL):
         print(f"Published cell: none ({deviations})")
@@ -280,6 +283,7 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
         "  tables:      results.csv, per_class.csv, per_image.csv (per-image log: per_image.jsonl)"
     )
     print(f"  pictures:    per_class_iou.png, qualitative/ ({out.n_pictures} images)")
+    print("  rescoring:   contingency/ (python -m eval.rescore RUN_DIR), granularity.csv/.png")
     if save_predictions:
         print("  predictions: predictions/ (label PNGs: 8-bit palette, 16-bit grey above 255)")
     state = "row added" if out.ledger_added else "row already there, not added again"
@@ -442,6 +446,14 @@ def _loop(
                     _score_item(i, item, pred, match, run_dir, cfg)
                     for i, item, pred in zip(batch["index"], batch["items"], preds, strict=True)
                 ]
+                # Stored before the records name it: what eval.rescore and the granularity read.
+                tables = {
+                    i: contingency.image_table(pred, item["label"], dataset.n_class)
+                    for i, item, pred in zip(batch["index"], batch["items"], preds, strict=True)
+                }
+                part = contingency.write_part(run_dir, rank.rank, tables)
+                for rec in scored:
+                    rec["contingency"] = part
                 # Wall time per image with data loading and scoring, without the pictures.
                 seconds = (time.perf_counter() - start) / len(scored)
                 for rec in scored:
@@ -527,6 +539,7 @@ def _finish(
         "git_commit": record.git_commit(),
         "run_dir": str(run_dir.resolve()),
     }
+    row.update(granularity.summarize(run_dir, scored, dataset.class_names, row))
     row["deviations"] = "; ".join(paper.deviations({**row, "ledger_version": 2}))
     per_class = [
         {"class": name, "iou": float(iou), "tp": int(tp), "fp": int(fp), "fn": int(fn)}
