@@ -153,6 +153,6 @@ def summary_line(row: Mapping[str, Any]) -> str | None:
     return (
         f"Granularity: over-segmented {100 * float(row['oversegmented']):.1f}% of images, "
         f"under-segmented {100 * float(row['undersegmented']):.1f}%; many-to-one mIoU "
-        f"{100 * values['miou_many_to_one']:.2f}% ({gap:+.2f} points over one-to-one); Boundary "
+        f"{100 * values['miou_many_to_one']:.2f}% ({gap:+.2f} points against one-to-one); Boundary "
         f"IoU {'n/a' if math.isnan(biou) else f'{100 * biou:.2f}%'}"
     )
