@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from eval import distributed, visualize
+from eval import contingency, distributed, visualize
 from eval.atomic import JsonlAppender
 from eval.datasets.base import DataFileError
 from eval.matching import match_per_image
@@ -261,6 +261,14 @@ class Loop:
             score_item(i, item, pred, match, run_dir, cfg.save_predictions)
             for i, item, pred in zip(batch["index"], items, preds, strict=True)
         ]
+        # Stored before the records name it: what eval.rescore and the granularity read.
+        tables = {
+            i: contingency.image_table(pred, item["label"], dataset.n_class)
+            for i, item, pred in zip(batch["index"], items, preds, strict=True)
+        }
+        part = contingency.write_part(run_dir, self.rank.rank, tables)
+        for rec in scored:
+            rec["contingency"] = part
         # Wall time per image with data loading and scoring, without the pictures.
         seconds = (time.perf_counter() - start) / len(scored)
         for index, item, pred, rec in zip(batch["index"], items, preds, scored, strict=True):

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from eval import granularity, paper, record, visualize
 from eval import ledger as ledger_io
-from eval import paper, record, visualize
 from eval.atomic import write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.loop import compute_scores
@@ -46,6 +46,9 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
         ids = json.loads(out.results["skipped_ids"])
         shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
         print(f"Skipped (dataset.on_error=skip): {shown}")
+    line = granularity.summary_line(out.results)
+    if line:
+        print(line)
     deviations = out.results["deviations"]
     if deviations.startswith(paper.NO_CELL):
         print(f"Published cell: none ({deviations})")
@@ -58,6 +61,7 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
         "  tables:      results.csv, per_class.csv, per_image.csv (per-image log: per_image.jsonl)"
     )
     print(f"  pictures:    per_class_iou.png, qualitative/ ({out.n_pictures} images)")
+    print("  rescoring:   contingency/ (python -m eval.rescore RUN_DIR), granularity.csv/.png")
     if save_predictions:
         print("  predictions: predictions/ (label PNGs: 8-bit palette, 16-bit grey above 255)")
     state = "row added" if out.ledger_added else "row already there, not added again"
@@ -91,7 +95,7 @@ def results_row(
     run: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The results row: ``run`` (run_id, run_dir, device and the settings of
-    :func:`eval.record.settings`), the scores, the images, provenance and the deviations."""
+    :func:`eval.record.settings`), the scores, the images and provenance."""
     scored = [records[i] for i in sorted(records) if not records[i].get("skipped")]
     seconds = float(sum(r["seconds"] for r in scored))
     row = {
@@ -109,7 +113,6 @@ def results_row(
         "versions": record.versions(),
         "git_commit": record.git_commit(),
     }
-    row["deviations"] = "; ".join(paper.deviations({**row, "ledger_version": 2}))
     return row
 
 
@@ -135,6 +138,8 @@ def finish(
     final = compute_scores(metric)
     row = results_row(records, skipped_ids, final, run)
     scored = [records[i] for i in sorted(records) if not records[i].get("skipped")]
+    row.update(granularity.summarize(run_dir, scored, dataset.class_names, row))
+    row["deviations"] = "; ".join(paper.deviations({**row, "ledger_version": 2}))
     per_class = [
         {"class": name, "iou": float(iou), "tp": int(tp), "fp": int(fp), "fn": int(fn)}
         for name, iou, tp, fp, fn in zip(

@@ -202,6 +202,13 @@ def _differs(got: Any, expected: Any) -> bool:
     return got != expected
 
 
+def scoring_rule(cell: Cell) -> str:
+    """The cell's scoring rule (``eval.rescore``): DiffCut merges unmatched clusters into
+    background on its datasets with one, every other cell is the per-image Hungarian matching."""
+    merges = cell.variant.protocol.get("background") and cell.dataset in _DIFFCUT_BACKGROUND
+    return "background_merge" if merges else "hungarian"
+
+
 def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
     """How the (parsed, version 2) ledger ``row`` differs from ``cell``'s published setting."""
     table, out = cell.table, []
@@ -243,6 +250,9 @@ def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
             got = protocol.get(key)
         if _differs(got, expected):
             out.append(f"protocol.{key}={got}")
+    rule = row.get("scoring") or ""  # empty in rows written before the column
+    if rule and rule != scoring_rule(cell):
+        out.append(f"scoring={rule} (published: {scoring_rule(cell)})")
     segmenter = row.get("segmenter_settings") or {}
     wanted = {**(cell.method.segmenter or {}), **cell.method.per_dataset.get(cell.dataset, {})}
     for key, expected in wanted.items():

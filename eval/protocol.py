@@ -278,12 +278,20 @@ def merge_unmatched_into_background(
     # Index n_class (-> -1) for the ignored pixels.
     fg_label = to_fg[torch.where(valid, label, torch.full_like(label, n_class))]
     hist = confusion_histogram(pred, fg_label, n_class - 1)
-    _, cols = linear_sum_assignment(hist, maximize=True)
-    assigned = hist[:, cols].max(axis=1) > 0
-    keep = torch.as_tensor(np.asarray(cols)[assigned], dtype=torch.long)
+    keep = torch.as_tensor(clusters_kept(hist), dtype=torch.long)
     out = pred.long().clone()
     out[~torch.isin(out, keep)] = int(pred.max()) + 1
     return out
+
+
+def clusters_kept(fg_hist: np.ndarray) -> np.ndarray:
+    """Steps 1-2 of :func:`merge_unmatched_into_background` on its foreground histogram
+    ``(n_class - 1, max(n_class - 1, pred.max() + 1))`` (classes in dataset order, background
+    left out): the ids of the clusters kept. Shared with ``eval.contingency``, which merges a
+    stored histogram without the image."""
+    _, cols = linear_sum_assignment(fg_hist, maximize=True)
+    assigned = fg_hist[:, cols].max(axis=1) > 0
+    return np.asarray(cols)[assigned]
 
 
 def refine_labels(

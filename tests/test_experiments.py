@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from eval import CONFIG_DIR
+from eval.tune import choose
 from tests.helpers import offline_env
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -32,6 +33,7 @@ SWEEPS = {
     "table1_kmeans": {"dataset", "segmenter"},
     "optuna_search": {"kl", "segmenter.timestep", "segmenter.num_points"},
     "diffcut_diffseg": {"dataset"},
+    "tune_kl": {"kl"},
 }
 TABLES_CMD = (sys.executable, "-m", "eval.tables")
 TINY = (
@@ -52,7 +54,28 @@ def composed(*overrides: str):
 
 
 def test_the_expected_experiments_exist() -> None:
-    assert set(EXPERIMENTS) == {*SWEEPS, "table1_coco", "table1_cityscapes"}
+    assert set(EXPERIMENTS) == {*SWEEPS, "table1_coco", "table1_cityscapes", "tune_kl_val"}
+
+
+def test_kl_is_tuned_on_training_images_and_evaluated_once_on_val() -> None:
+    tune = composed("+experiment=tune_kl")
+    assert (tune.dataset.name, tune.dataset.split, tune.limit) == ("cityscapes", "train", 200)
+    val = composed("+experiment=tune_kl_val", "kl=0.7")
+    OmegaConf.resolve(val.segmenter)
+    assert (val.dataset.split, val.limit) == ("val", None)
+    assert list(val.segmenter.kl_threshold) == [0.7, 0.7, 0.7]
+    # The chosen value: best mIoU among the sweep's rows (latest per threshold, ties to the
+    # smaller threshold), rescorings and other experiments left out.
+    rows = [
+        {"experiment": "tune_kl", "dataset": "cityscapes", "kl_threshold": [kl] * 3, "miou": m,
+         "n_images": 200, "split": "train", "ledger_version": "2", "rescored_from": rescored}
+        for kl, m, rescored in [(0.9, 0.30, ""), (0.7, 0.31, ""), (1.1, 0.31, ""), (0.7, 0.20, ""),
+                                (0.5, 0.90, "abc")]
+    ] + [{"experiment": "ablation_kl", "dataset": "cityscapes", "kl_threshold": [1.3] * 3,
+          "miou": 0.99, "n_images": 200, "ledger_version": "2"}]  # fmt: skip
+    (choice,) = choose(rows)
+    assert (choice.dataset, choice.kl, choice.value) == ("cityscapes", 1.1, 0.31)
+    assert choice.scores == {0.7: 0.20, 0.9: 0.30, 1.1: 0.31}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -110,6 +110,9 @@ def test_run_writes_every_output_with_its_columns(reference: Path) -> None:
     assert row["run_dir"] == str(run.resolve()) and "torch" in json.loads(row["versions"])
     assert (row["ledger_version"], row["dtype"], row["n_skipped"]) == ("2", "float32", "0")
     assert row["deviations"].startswith("no published cell")
+    # The demo's granularity report (eval.granularity) and what eval.rescore reads.
+    assert (run / "granularity.csv").is_file() and (run / "granularity.png").is_file()
+    assert row["scoring"] == "hungarian" and list((run / "contingency").glob("part-0-*.parquet"))
 
     dataset = get_dataset("synthetic", resolution=RES)
     columns, per_class = csv_rows(run / "per_class.csv")
