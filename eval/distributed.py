@@ -223,9 +223,9 @@ def sync_metric(metric: Any, rank: Rank) -> None:
     """
     if not rank.distributed:
         return
+    # compute() must not have run before (it caches): the loop reads running scores from the
+    # states (eval.loop.running_scores).
     metric.sync(should_sync=True, distributed_available=lambda: True)
-    # A compute() during the loop cached the local values; the synced states supersede them.
-    metric._computed = None
 
 
 class NullLogger:

@@ -88,7 +88,9 @@ def compute_scores(metric: HungarianIoU) -> dict[str, torch.Tensor]:
 
 
 def running_scores(metric: HungarianIoU) -> dict[str, float]:
-    scores = compute_scores(metric)
+    """This process's scores so far, read from the metric's states: ``compute()`` would cache
+    them, and a cached value outlives the states' reduction across ranks after the loop."""
+    scores = scores_from_counts(metric.tp, metric.fp, metric.fn, metric.total)
     return {"pixel_accuracy": float(scores["pixel_accuracy"]), "miou": float(scores["miou"])}
 
 

@@ -58,7 +58,6 @@ from eval.datasets.base import IGNORE, resize_image, resize_label
 from eval.matching import confusion_histogram, match_per_image
 
 CROPS = ("dataset", "min_minus_one")
-COMPAT_DATASETS = ("voc", "coco_object", "ade20k")
 ADE_OTHER = "other (compat: ADE20K label 0)"
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from eval import attention_cache, distributed, record
 from eval.jobs import set_status
+from eval.loggers import RunInfo
 from eval.loop import Loop
 from eval.metrics import HungarianIoU
 from eval.outputs import Outputs, append_to_ledger, finish, print_summary
@@ -63,14 +64,8 @@ def make_logger(cfg: DictConfig, resolved: dict, run_id: str, rank: distributed.
     if not rank.is_main:
         return distributed.NullLogger()
     # Not recursive: the config holds `_target_` keys of its own (model, logger).
-    return hydra.utils.instantiate(
-        cfg.logger,
-        run_dir=Path(cfg.paths.output_dir),
-        run_config=resolved,
-        run_id=run_id,
-        _recursive_=False,
-        _convert_="all",
-    )
+    run = RunInfo(Path(cfg.paths.output_dir), run_id, resolved)
+    return hydra.utils.instantiate(cfg.logger, run=run, _recursive_=False, _convert_="all")
 
 
 def run_settings(

@@ -30,7 +30,7 @@ from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.datasets import DataFileError, get_dataset
 from eval.ledger import append as append_ledger
-from eval.logging import wandb_mode
+from eval.loggers import wandb_mode
 from eval.loop import IndexedItems, collate, predict, restore_images
 from eval.matching import match_per_image
 from eval.runtime import RunError, check_config, resolve_device

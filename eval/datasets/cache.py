@@ -110,7 +110,8 @@ def inputs(dataset: Dataset) -> list:
         kind, target = parse_source(dataset.source)
         if kind == "parquet":
             return [_stat(p) for p in parquet_files(target)]
-        return [dataset.table._fingerprint, *(f["filename"] for f in dataset.table.cache_files)]
+        # The hub copy's Arrow files as downloaded: a new revision is new files.
+        return [_stat(Path(f["filename"])) for f in dataset.table.cache_files]
     if isinstance(dataset, SegmentationFiles):
         return [[s.id, _stat(s.image), _stat(s.label)] for s in dataset.samples]
     return []  # synthetic: the options and the code determine every pixel
@@ -299,14 +300,6 @@ class CachedDataset(Dataset):
         label = torch.from_numpy(row["label"]).long()
         return {"image": image, "label": label, "id": str(row["id"])}
 
-    def shard(self, rank: int, world_size: int) -> CachedDataset:
-        """This rank's contiguous share (``split_dataset_by_node``): every item on one rank only."""
-        from datasets.distributed import split_dataset_by_node
-
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..world_size-1={world_size - 1}, got {rank}")
-        part = split_dataset_by_node(self.table, rank=rank, world_size=world_size)
-        return CachedDataset(part, self.class_names, self.name, self.on_error, self.skipped)
 
 
 def key_options(dataset: Dataset, source: str | None, columns: Mapping | None) -> dict:
