@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,7 +61,7 @@ def prepare_source(src: Mapping, root: Path, progress: bool = True) -> bool:
         archive = found[0]
         verify(archive, **checks)
     else:
-        archive = download(src["url"], root / "downloads" / file, progress=progress, **checks)
+        archive = download(src["url"], root / "downloads" / file, checks, progress)
     if src.get("dest"):
         place(archive, root / src["dest"])
     else:
@@ -70,6 +70,26 @@ def prepare_source(src: Mapping, root: Path, progress: bool = True) -> bool:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({k: src.get(k) for k in ("url", *checks)}) + "\n")
     return True
+
+
+def fetch_sources(
+    sources: Sequence[Mapping],
+    root: Path,
+    report: PrepareReport,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> None:
+    """Prepare each source not prepared yet, noting in ``report`` what was done or is missing."""
+    for src in sources:
+        file = src["file"]
+        if _marker(root, file).exists():
+            echo(f"{file}: already prepared")
+            report.already.append(file)
+        elif prepare_source(src, root, progress):
+            echo(f"{file}: downloaded, verified and unpacked into {root}")
+            report.done.append(file)
+        else:
+            report.missing.append(file)
 
 
 def prepare(
@@ -88,16 +108,9 @@ def prepare(
     root = Path(dataset["root"]).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     # A Parquet/hub source replaces the files: nothing to download.
-    for src in [] if dataset.get("source") else dataset.get("sources") or []:
-        file = src["file"]
-        if _marker(root, file).exists():
-            echo(f"{file}: already prepared")
-            report.already.append(file)
-        elif prepare_source(src, root, progress):
-            echo(f"{file}: downloaded, verified and unpacked into {root}")
-            report.done.append(file)
-        else:
-            report.missing.append(file)
+    fetch_sources(
+        [] if dataset.get("source") else dataset.get("sources") or [], root, report, progress, echo
+    )
     steps = (dataset.get("manual_steps") or "").format(root=root)
     if report.missing:
         echo(f"{name}: {', '.join(report.missing)} not found in {root}. Manual steps:\n{steps}")

@@ -301,7 +301,6 @@ class CachedDataset(Dataset):
         return {"image": image, "label": label, "id": str(row["id"])}
 
 
-
 def key_options(dataset: Dataset, source: str | None, columns: Mapping | None) -> dict:
     """The options, besides name, split and resolution, that change the stored values."""
     attrs = (
