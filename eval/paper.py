@@ -148,7 +148,14 @@ DIFFCUT = Table(
         "ade20k": "val",
     },
     metrics=("miou",),
-    methods=(Method("DiffSeg", {**_DIFFSEG, "kl_threshold": [1.0, 1.0, 1.0]}), Method("DiffCut")),
+    # DiffCut's own rows, quoted: SSD-1B features with PAMR (its main result), without PAMR, and
+    # with SD 1.4 features.
+    methods=(
+        Method("DiffSeg", {**_DIFFSEG, "kl_threshold": [1.0, 1.0, 1.0]}),
+        Method("DiffCut (SSD-1B)"),
+        Method("DiffCut (SSD-1B, no PAMR)"),
+        Method("DiffCut (SD 1.4)"),
+    ),
     variants=(
         Variant(
             "ours",
