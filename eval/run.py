@@ -55,13 +55,14 @@ from eval.protocol import (
     check_resolution_pair,
 )
 from eval.protocol import scoring as protocol_scoring
+from eval.schema import NOT_SETTINGS
 from eval.segmenters import segment_batch, segmenter_call
 
 # Settings that change the numbers: a resumed run must have the same ones, and the same dataset
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
 # do not change the labels.)
 PINNED_KEYS = ("protocol", "seed", "limit", "model", "segmenter")
-UNPINNED_DATASET_KEYS = ("root", "cache_dir", "sources", "manual_steps")
+UNPINNED_DATASET_KEYS = NOT_SETTINGS
 
 
 class RunError(RuntimeError):
