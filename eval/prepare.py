@@ -40,6 +40,7 @@ class PrepareReport:
     already: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     n_images: int | None = None
+    nothing_to_do: bool = False  # a generated dataset
 
     @property
     def complete(self) -> bool:
@@ -96,12 +97,13 @@ def prepare(
     dataset: Mapping, progress: bool = True, echo: Callable[[str], None] = print
 ) -> PrepareReport:
     """Prepare the dataset described by ``dataset`` (a resolved ``cfg.dataset`` mapping)."""
-    from eval.datasets import get_dataset
+    from eval.datasets import build, registry
 
     name = dataset["name"]
     report = PrepareReport()
-    if name == "synthetic":
-        echo("synthetic: generated on the fly, nothing to prepare")
+    if not registry.get(name).files:
+        echo(f"{name}: generated on the fly, nothing to prepare")
+        report.nothing_to_do = True
         return report
     if dataset.get("root") in (None, ""):
         raise ValueError(f"{name}: dataset.root is not set; pass dataset.root=PATH")
@@ -115,12 +117,11 @@ def prepare(
     if report.missing:
         echo(f"{name}: {', '.join(report.missing)} not found in {root}. Manual steps:\n{steps}")
         return report
-    options = {k: v for k, v in dataset.items() if k != "name"}
-    options["root"] = root
+    options = {**dataset, "root": root}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            data = get_dataset(name, **options)
+            data = build(options)
     except FileNotFoundError as e:
         echo(f"{name}: the files are in place but the split is not readable yet: {e}")
         if steps:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0 if report.complete or dataset["name"] == "synthetic" else 1
+    return 0 if report.complete or report.nothing_to_do else 1
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ from scipy.optimize import linear_sum_assignment
 from torch.utils.data import Dataset
 
 from diffseg.pamr import pamr
+from eval.datasets import registry
 from eval.datasets.base import IGNORE, resize_image, resize_label
 from eval.matching import confusion_histogram, match_per_image
+from eval.schema import validate
 
 CROPS = ("dataset", "min_minus_one")
 ADE_OTHER = "other (compat: ADE20K label 0)"
@@ -80,13 +82,16 @@ class Protocol:
     model_resolution: int | None = None
     crop: str = "dataset"
     score_resolution: int | None = None
-    background: Mapping[str, str] = field(default_factory=dict)
+    background: dict[str, str] = field(default_factory=dict)
     compat: bool = False
     pamr: bool = False
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8)
 
     def __post_init__(self) -> None:
+        # One form whatever the source (a config gives lists): equal protocols compare equal.
+        object.__setattr__(self, "background", dict(self.background or {}))
+        object.__setattr__(self, "pamr_dilations", tuple(self.pamr_dilations or (1, 2, 4, 8)))
         if self.crop not in CROPS:
             raise ValueError(f"protocol.crop must be one of {CROPS}, got {self.crop!r}")
         for key in ("resolution", "model_resolution", "score_resolution"):
@@ -112,15 +117,9 @@ class Protocol:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Protocol:
-        """From ``cfg.protocol`` (a mapping); unknown keys are an error naming them."""
-        values = dict(cfg)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown protocol keys {unknown}; accepted: {sorted(known)}")
-        values["background"] = dict(values.get("background") or {})
-        values["pamr_dilations"] = tuple(values.get("pamr_dilations") or (1, 2, 4, 8))
-        return cls(**values)
+        """From ``cfg.protocol`` (a mapping), this class being its schema
+        (:func:`eval.schema.validate`): unknown keys and bad values are errors naming them."""
+        return validate(cls, cfg, "protocol")
 
     @property
     def transforms_data(self) -> bool:
@@ -377,8 +376,8 @@ def scoring(protocol: Protocol, dataset: Dataset, dataset_name: str) -> Scoring:
 def check_dataset(protocol: Protocol, options: Mapping[str, Any]) -> None:
     """The dataset settings (``cfg.dataset``) fit the protocol: when it crops for itself the file
     loaders keep the original size (``conf/dataset/protocol/`` sets it), and no cache (which holds
-    the loader's crop) is read."""
-    if protocol.crop == "dataset" or options["name"] == "synthetic":
+    the loader's crop) is read. A generated dataset (no files) has no original size to keep."""
+    if protocol.crop == "dataset" or not registry.get(options["name"]).files:
         return
     if options.get("cache"):
         raise ValueError(

@@ -25,18 +25,19 @@ from eval.loop import Loop
 from eval.metrics import HungarianIoU
 from eval.outputs import Outputs, append_to_ledger, finish, print_summary
 from eval.protocol import Protocol, ProtocolData, check_dataset, check_resolution_pair, scoring
-from eval.runtime import RunError, check_config, resolve_device, seed_everything
+from eval.runtime import RunError, resolve_device, seed_everything
+from eval.schema import check_run
 from eval.segmenters import segmenter_call
 from eval.state import check_writable, open_run
 
 
 def load_data(cfg: DictConfig, protocol: Protocol) -> Dataset:
     """The dataset as the protocol sees it."""
-    from eval.datasets import get_dataset
+    from eval.datasets import build
 
     options = OmegaConf.to_container(cfg.dataset, resolve=True)
     check_dataset(protocol, options)
-    dataset = get_dataset(**options)
+    dataset = build(options)
     if protocol.transforms_data:
         dataset = ProtocolData(dataset, protocol, cfg.dataset.name)
     if len(dataset) == 0:
@@ -65,7 +66,8 @@ def make_logger(cfg: DictConfig, resolved: dict, run_id: str, rank: distributed.
         return distributed.NullLogger()
     # Not recursive: the config holds `_target_` keys of its own (model, logger).
     run = RunInfo(Path(cfg.paths.output_dir), run_id, resolved)
-    return hydra.utils.instantiate(cfg.logger, run=run, _recursive_=False, _convert_="all")
+    # "object": the RunInfo argument arrives as itself (Hydra would turn it into a dict).
+    return hydra.utils.instantiate(cfg.logger, run=run, _recursive_=False, _convert_="object")
 
 
 def run_settings(
@@ -85,7 +87,7 @@ def run_settings(
 def evaluate(cfg: DictConfig) -> Outputs | None:
     """Run the evaluation that ``cfg`` (the composed ``conf/config.yaml``) describes; rank 0
     returns the outputs, the other ranks of a torchrun None."""
-    check_config(cfg)
+    check_run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     check_writable(run_dir, Path(cfg.paths.ledger))
     rank = distributed.current()

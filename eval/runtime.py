@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 
 class RunError(RuntimeError):
@@ -41,27 +39,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Values Hydra cannot type-check, checked before any data or model is touched."""
-
-    def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            extra = " or null (all)" if allow_none else ""
-            raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
-
-    positive_int("limit", cfg.limit, allow_none=True)
-    positive_int("batch_size", cfg.batch_size)
-    if (
-        isinstance(cfg.num_workers, bool)
-        or not isinstance(cfg.num_workers, int)
-        or cfg.num_workers < 0
-    ):
-        raise ValueError(f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
-    if not isinstance(cfg.n_qualitative, int) or cfg.n_qualitative < 0:
-        raise ValueError(f"n_qualitative must be an integer >= 0, got {cfg.n_qualitative!r}")
-    if not isinstance(cfg.seed, int):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")

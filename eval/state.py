@@ -23,12 +23,13 @@ from eval import ledger as ledger_io
 from eval.atomic import read_json_or_none, write_json_atomic, write_text_atomic
 from eval.jobs import set_status
 from eval.runtime import RunError
+from eval.schema import NOT_SETTINGS
+from eval.segmenters import settings as segmenter_settings
 
 # Settings that change the numbers: a resumed run must have the same ones, and the same dataset
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
 # do not change the labels.)
-PINNED_KEYS = ("protocol", "seed", "limit", "model", "segmenter")
-UNPINNED_DATASET_KEYS = ("root", "cache_dir", "sources", "manual_steps")
+PINNED_KEYS = ("protocol", "seed", "limit", "model")
 
 
 def now() -> str:
@@ -57,10 +58,12 @@ def pinned(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
         for k in PINNED_KEYS
     }
+    # The segmenter's normalised settings (a scalar KL threshold is [k, k, k]), as recorded.
+    out["segmenter"] = segmenter_settings(OmegaConf.to_container(cfg.segmenter, resolve=True))
     out["dataset"] = {
         k: v
         for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-        if k not in UNPINNED_DATASET_KEYS
+        if k not in NOT_SETTINGS
     }
     out["device_type"] = device.type
     if cfg.get("cache") and cfg.cache.attention:

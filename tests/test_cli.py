@@ -214,7 +214,7 @@ def test_optuna_search_goes_on_after_a_failed_trial(tmp_path: Path) -> None:
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.seed=10",
         "segmenter.num_points=choice(1,4)",
-        "kl=1.0",
+        "segmenter.kl_threshold=1.0",
         "segmenter.timestep=300",
         "dataset=synthetic",
         "dataset.split=val",

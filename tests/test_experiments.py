@@ -19,19 +19,20 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from eval import CONFIG_DIR
+from eval.segmenters import segmenter_call, settings
 from eval.tune import choose
 from tests.helpers import offline_env
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SWEEPS = {
-    "ablation_kl": {"dataset", "kl"},
+    "ablation_kl": {"dataset", "segmenter.kl_threshold"},
     "ablation_timestep": {"dataset", "segmenter.timestep"},
     "ablation_points": {"dataset", "segmenter.num_points"},
     "ablation_weights": {"dataset", "segmenter.weights"},
     "ablation_refine": {"dataset", "segmenter.refine"},
     "extra_datasets": {"dataset"},
     "table1_kmeans": {"dataset", "segmenter"},
-    "optuna_search": {"kl", "segmenter.timestep", "segmenter.num_points"},
+    "optuna_search": {"segmenter.kl_threshold", "segmenter.timestep", "segmenter.num_points"},
     "diffcut_diffseg": {"dataset"},
     "tune_kl": {"kl"},
 }
@@ -94,7 +95,7 @@ def test_experiment_composes_and_each_swept_value_composes(name: str) -> None:
             override.sweep_string_iterator(), override.sweep_iterator(), strict=True
         ):
             one = composed(f"+experiment={name}", f"{key}={text}")
-            OmegaConf.resolve(one.segmenter)  # interpolations such as ${kl} resolve
+            OmegaConf.resolve(one.segmenter)  # interpolations resolve
             got = one[key].name if key in ("dataset", "segmenter") else OmegaConf.select(one, key)
             assert (OmegaConf.to_object(got) if OmegaConf.is_config(got) else got) == value
 
@@ -117,8 +118,10 @@ def test_table1_settings_are_the_papers(name: str, dataset: str, kl: float, spli
 
 
 def test_scalar_kl_is_broadcast_to_the_three_iterations() -> None:
-    cfg = composed("+experiment=ablation_kl", "kl=0.7")
-    assert OmegaConf.to_container(cfg.segmenter, resolve=True)["kl_threshold"] == [0.7] * 3
+    cfg = composed("+experiment=ablation_kl", "segmenter.kl_threshold=0.7")
+    segmenter = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    assert settings(segmenter)["kl_threshold"] == [0.7] * 3
+    assert segmenter_call(segmenter, 512, 0)["kl_threshold"] == [0.7] * 3
 
 
 def test_kmeans_segmenters_compose() -> None:
@@ -141,7 +144,11 @@ def multiruns(tmp_path_factory):
     """The KL sweep and the Optuna search, started together (two processes, one thread each)."""
     tmp = tmp_path_factory.mktemp("multirun")
     runs = {
-        "sweep": ["+experiment=ablation_kl", "kl=0.5,1.5", "segmenter.num_points=4"],
+        "sweep": [
+            "+experiment=ablation_kl",
+            "segmenter.kl_threshold=0.5,1.5",
+            "segmenter.num_points=4",
+        ],
         "optuna": [
             "+experiment=optuna_search",
             "hydra.sweeper.n_trials=2",
@@ -215,4 +222,4 @@ def test_optuna_runs_two_trials_maximising_the_returned_miou(multiruns: Path) ->
         assert 50 <= int(row["timestep"]) <= 900
     result = yaml.safe_load((multiruns / "optuna" / "sweep" / "optimization_results.yaml").open())
     assert result["best_value"] == pytest.approx(max(float(r["miou"]) for r in rows))
-    assert set(result["best_params"]) == {"kl", "segmenter.timestep", "segmenter.num_points"}
+    assert set(result["best_params"]) == SWEEPS["optuna_search"]

@@ -33,7 +33,8 @@ from eval.ledger import append as append_ledger
 from eval.loggers import wandb_mode
 from eval.loop import IndexedItems, collate, predict, restore_images
 from eval.matching import match_per_image
-from eval.runtime import RunError, check_config, resolve_device
+from eval.runtime import RunError, resolve_device
+from eval.schema import check_run
 from eval.state import open_run_state
 from eval.visualize import find_edges, save_label_png
 from tests import fixtures as fx
@@ -317,10 +318,10 @@ def test_bad_values_are_rejected_naming_the_key() -> None:
     from omegaconf import OmegaConf
 
     good = {"limit": None, "batch_size": 2, "num_workers": 0, "n_qualitative": 0, "seed": 1}
-    check_config(OmegaConf.create(good))
+    check_run(OmegaConf.create(good))
     for key, value in [("limit", 0), ("limit", "ten"), ("batch_size", 0), ("num_workers", -1)]:
         with pytest.raises(ValueError, match=key):
-            check_config(OmegaConf.create({**good, key: value}))
+            check_run(OmegaConf.create({**good, key: value}))
 
 
 @pytest.mark.skipif(

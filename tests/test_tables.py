@@ -353,7 +353,11 @@ def test_experiment_filter_and_latest_row(tmp_path):
 
 def test_sweep_plot_and_points(tmp_path):
     def kl_run(run_id, timestamp, dataset, kl, acc, miou, experiment="ablation_kl"):
-        overrides = ("+experiment=ablation_kl", f"dataset={dataset}", f"kl={kl}")
+        overrides = (
+            "+experiment=ablation_kl",
+            f"dataset={dataset}",
+            f"segmenter.kl_threshold={kl}",
+        )
         return run(run_id, timestamp, acc, miou, overrides, experiment=experiment)
 
     rows = [

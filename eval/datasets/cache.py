@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from eval.datasets import base
+from eval.datasets import base, registry
 from eval.datasets.base import DataFileError, SegmentationFiles, check_on_error
 from eval.datasets.sources import TableSegmentation, parquet_files, parse_source
 
@@ -301,12 +301,11 @@ class CachedDataset(Dataset):
         return {"image": image, "label": label, "id": str(row["id"])}
 
 
-def key_options(dataset: Dataset, source: str | None, columns: Mapping | None) -> dict:
-    """The options, besides name, split and resolution, that change the stored values."""
-    attrs = (
-        *("antialias", "keep_size", "jpeg_decoder"),  # file datasets
-        *("length", "seed", "n_class", "regions", "noise", "texture"),  # synthetic
-    )
+def key_options(dataset: Dataset, name: str, source: str | None, columns: Mapping | None) -> dict:
+    """The options, besides name, split and resolution, that change the stored values: the
+    registered loader options of dataset ``name`` that ``dataset`` holds as attributes, but
+    ``on_error`` (the cache stores a pair's error, ``on_error`` applies when it is read)."""
+    attrs = [a for a in registry.get(name).loader_options if a != "on_error"]
     options = {a: getattr(dataset, a) for a in attrs if hasattr(dataset, a)}
     return {**options, "source": source, "columns": dict(columns) if columns else None}
 
@@ -336,7 +335,7 @@ def cached(
     if getattr(dataset, "keep_size", False):
         raise ValueError(f"{name}: dataset.cache=true stores fixed-size images; it cannot be "
                          "combined with keep_size=true")  # fmt: skip
-    key = {**key_options(dataset, source, columns), "dtype": dtype}
+    key = {**key_options(dataset, name, source, columns), "dtype": dtype}
     path = cache_path(folder, name, split, resolution, key)
     check_writable(folder, name)
     fp = fingerprint(dataset, key)
