@@ -102,3 +102,29 @@ def kmeans_segment(
     proposals = kmeans_proposals(aggregated, n_clusters, seed, max_iter, tol)
     size = size or (8 * aggregated.shape[-1],) * 2
     return torch.stack([proposals_to_labels(p, size) for p in proposals])
+
+
+def pixel_kmeans_segment(
+    images: torch.Tensor,
+    n_clusters: int | Sequence[int],
+    seed: int | Sequence[int] = 0,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """K-means on each image's RGB values, a colour-only baseline: ``(B, 3, H, W)`` -> ``(B, H, W)``.
+
+    Same seeding and Lloyd's iterations as :func:`kmeans_proposals`, over the ``H*W`` pixels
+    (3 features each) instead of the attention maps; a pixel's label is its cluster's index.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    batch, _, height, width = images.shape
+    counts = _per_image("n_clusters", n_clusters, batch)
+    seeds = _per_image("seed", seed, batch)
+    labels = []
+    for image, k, image_seed in zip(images, counts, seeds, strict=True):
+        pixels = image.reshape(3, -1).T.to(torch.float64)
+        init = kmeans_plusplus(pixels, k, torch.Generator().manual_seed(image_seed))
+        _, image_labels, _ = kmeans_refine(pixels, init, max_iter=max_iter, tol=tol)
+        labels.append(image_labels.reshape(height, width))
+    return torch.stack(labels)
