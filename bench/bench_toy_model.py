@@ -28,7 +28,7 @@ from diffseg.pipeline import DiffSegPipeline
 from eval.metrics import HungarianIoU
 from eval.train_toy import hard_scenes
 
-THRESHOLDS = (0.003, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3, 0.5, 1.1)
+THRESHOLDS = (0.0003, 0.001, 0.003, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3, 0.5, 1.1)
 TIMESTEP = 300
 
 
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("| method | mIoU | segments/image | attention entropy |")
     print("|---|---|---|---|")
     for method, miou, segments, entropy in rows:
-        print(f"| {method} | {miou:.3f} | {segments:.2f} | {entropy:.3f} |")
+        print(f"| {method} | {miou:.3f} | {segments:.2f} | {entropy:.4f} |")
 
 
 if __name__ == "__main__":

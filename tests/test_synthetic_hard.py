@@ -96,3 +96,14 @@ def test_pixel_kmeans_splits_flat_colours_and_checks_its_input() -> None:
 def test_hard_scenes_need_an_object_and_a_background() -> None:
     with pytest.raises(ValueError, match="regions >= 2"):
         SyntheticScenes(regions=1, hard=True)
+
+
+def test_hard_is_a_dataset_option_with_its_own_cache_key() -> None:
+    from eval.datasets import get_dataset
+    from eval.datasets.cache import key_options
+
+    easy = get_dataset("synthetic", resolution=32, length=1)
+    hard = get_dataset("synthetic", resolution=32, length=1, hard=True)
+    assert hard.hard and not torch.equal(easy[0]["image"], hard[0]["image"])
+    assert key_options(hard, "synthetic", None, None)["hard"] is True
+    assert "hard" not in key_options(easy, "synthetic", None, None)  # the default scenes' caches keep their key

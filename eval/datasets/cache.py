@@ -307,6 +307,8 @@ def key_options(dataset: Dataset, name: str, source: str | None, columns: Mappin
     ``on_error`` (the cache stores a pair's error, ``on_error`` applies when it is read)."""
     attrs = [a for a in registry.get(name).loader_options if a != "on_error"]
     options = {a: getattr(dataset, a) for a in attrs if hasattr(dataset, a)}
+    if options.get("hard") is False:  # so the default scenes' caches keep their keys
+        del options["hard"]
     return {**options, "source": source, "columns": dict(columns) if columns else None}
 
 
