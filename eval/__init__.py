@@ -22,3 +22,5 @@ def home() -> Path:
 
 
 OmegaConf.register_new_resolver("diffseg_home", lambda: str(home()), replace=True)
+# Files shipped with the code (the toy model), wherever $DIFFSEG_HOME points.
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)

@@ -88,7 +88,9 @@ def test_pixel_kmeans_splits_flat_colours_and_checks_its_input() -> None:
     image[0, 0, :, 4:] = 1.0  # right half red
     labels = pixel_kmeans_segment(image, 2, seed=5)
     assert labels.shape == (1, 8, 8)
-    assert (labels[0, :, :4] == labels[0, 0, 0]).all() and (labels[0, :, 4:] != labels[0, 0, 0]).all()
+    assert (labels[0, :, :4] == labels[0, 0, 0]).all() and (
+        labels[0, :, 4:] != labels[0, 0, 0]
+    ).all()
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         pixel_kmeans_segment(image[0], 2)
 
@@ -106,4 +108,6 @@ def test_hard_is_a_dataset_option_with_its_own_cache_key() -> None:
     hard = get_dataset("synthetic", resolution=32, length=1, hard=True)
     assert hard.hard and not torch.equal(easy[0]["image"], hard[0]["image"])
     assert key_options(hard, "synthetic", None, None)["hard"] is True
-    assert "hard" not in key_options(easy, "synthetic", None, None)  # the default scenes' caches keep their key
+    assert "hard" not in key_options(
+        easy, "synthetic", None, None
+    )  # the default scenes' caches keep their key
