@@ -1,4 +1,4 @@
-"""The demo notebook runs top to bottom on the tiny model, offline (nbclient), and is the one
+"""The demo notebook runs top to bottom on the toy trained model, offline (nbclient), and is the one
 ``notebooks/make_demo.py`` writes."""
 
 from __future__ import annotations
