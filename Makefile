@@ -51,7 +51,7 @@ bench:
 # scenes at 128 px, at its own KL threshold 0.02; `model=tiny` is the random-weight model.
 demo:
 	WANDB_MODE=offline $(PY) -m eval model=tiny_trained dataset.resolution=128 \
-		dataset.seed=7 dataset.noise=0.05 +dataset.hard=true segmenter.kl_threshold=0.02
+		dataset.seed=7 dataset.noise=0.05 dataset.hard=true segmenter.kl_threshold=0.02
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -168,7 +168,7 @@ print(image_scores(labels, item["label"], scenes.n_class))""",
 counts over the dataset. Every `python -m eval ...` run appends one row to `outputs/ledger.csv`;
 `eval.tables` turns the ledger into the paper tables. Here we score both scenes and write a row
 with the ledger's columns into a temporary ledger (the command line does the same, e.g.
-`make demo`, or `python -m eval model=tiny_trained +dataset.hard=true ... logger=csv`).""",
+`make demo`, or `python -m eval model=tiny_trained dataset.hard=true ... logger=csv`).""",
     ),
     (
         "code",
