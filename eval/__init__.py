@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(PROJECT_ROOT / "conf")
 
 
 def home() -> Path:

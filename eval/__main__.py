@@ -17,22 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from eval import jobs
+from eval import CONFIG_DIR, jobs
+from eval.jobs import fail
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Under torchrun only rank 0 records the run's state.
 IS_MAIN_RANK = os.environ.get("RANK", "0") in ("", "0")
-
-
-def fail(error: BaseException, log: Path | None = None) -> NoReturn:
-    """One clear line for an error that stops a run, and where its traceback is (``log``, the
-    run's error.log; HYDRA_FULL_ERROR=1 raises it here)."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    print(f"\nError: {jobs.error_text(error)}", file=sys.stderr)
-    hint = f"full traceback in {log}" if log else "set HYDRA_FULL_ERROR=1 for the full traceback"
-    print(f"({hint})", file=sys.stderr)
-    sys.exit(1)
 
 
 def job_failed(cfg: DictConfig, error: Exception) -> jobs.FailedRun:

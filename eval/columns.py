@@ -50,6 +50,17 @@ RESULT_COLUMNS = (
     "versions",
     "git_commit",
     "run_dir",
+    # The scoring rule (eval.rescore) and, for a rescoring's row, the run it rescored.
+    "scoring",
+    "rescored_from",
+    # Granularity (eval.granularity) and the thing/stuff split of the mIoU.
+    "pixel_accuracy_many_to_one",
+    "miou_many_to_one",
+    "oversegmented",
+    "undersegmented",
+    "boundary_iou",
+    "miou_things",
+    "miou_stuff",
 )
 PER_CLASS_COLUMNS = ("class", "iou", "tp", "fp", "fn")
 PER_IMAGE_COLUMNS = ("id", "segments", "accuracy", "miou")

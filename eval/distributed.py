@@ -223,9 +223,9 @@ def sync_metric(metric: Any, rank: Rank) -> None:
     """
     if not rank.distributed:
         return
+    # compute() must not have run before (it caches): the loop reads running scores from the
+    # states (eval.loop.running_scores).
     metric.sync(should_sync=True, distributed_available=lambda: True)
-    # A compute() during the loop cached the local values; the synced states supersede them.
-    metric._computed = None
 
 
 class NullLogger:
@@ -239,3 +239,18 @@ class NullLogger:
 
     def finish(self, exit_code: int = 0) -> None:
         pass
+
+
+def gather_on_main(
+    records: dict[int, dict[str, Any]], metric: Any, run_dir: Path, rank: Rank
+) -> bool:
+    """After the loop under torchrun: rank 0 gathers the other ranks' records (into ``records``
+    and its run files) and every rank's metric states. True on rank 0, which goes on to write the
+    outputs; False on the others."""
+    others = gather_records([] if rank.is_main else records.values(), rank)
+    sync_metric(metric, rank)
+    if not rank.is_main:
+        return False
+    records.update({r["index"]: r for r in others})
+    merge_rank_files(run_dir, list(records.values()))
+    return True

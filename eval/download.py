@@ -15,8 +15,9 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -53,20 +54,20 @@ def verify(
 def download(
     url: str,
     dest: Path,
-    size: int | None = None,
-    md5: str | None = None,
-    sha256: str | None = None,
+    checks: Mapping[str, Any] | None = None,
     progress: bool = True,
     timeout: float = 60.0,
 ) -> Path:
     """Fetch ``url`` to ``dest`` (resuming ``dest.part``), verify it, and return ``dest``.
 
+    ``checks``: what :func:`verify` checks (``size``, ``md5``, ``sha256``; absent: not checked).
     A ``dest`` that already exists is verified and kept.  A file that fails verification is
     deleted (resuming it could never fix it) and :class:`ChecksumError` says so.
     """
-    dest = Path(dest)
+    dest, checks = Path(dest), dict(checks or {})
+    size = checks.get("size")
     if dest.exists():
-        verify(dest, size, md5, sha256)
+        verify(dest, **checks)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -108,7 +109,7 @@ def download(
                     f"run again to resume from {part}"
                 )
     try:
-        verify(part, size, md5, sha256)
+        verify(part, **checks)
     except ChecksumError as e:
         part.unlink()
         raise ChecksumError(

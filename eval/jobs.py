@@ -11,6 +11,7 @@ Imports neither torch nor the model: the parent process of a sweep loads it as a
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import traceback
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -149,3 +150,14 @@ class SweepSummary(Callback):
         if summary:
             print("\n" + summary, file=sys.stderr)
             sys.exit(1)
+
+
+def fail(error: BaseException, log: Path | None = None) -> NoReturn:
+    """One clear line for an error that stops a run, and where its traceback is (``log``, the
+    run's error.log; HYDRA_FULL_ERROR=1 raises it here)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"\nError: {error_text(error)}", file=sys.stderr)
+    hint = f"full traceback in {log}" if log else "set HYDRA_FULL_ERROR=1 for the full traceback"
+    print(f"({hint})", file=sys.stderr)
+    sys.exit(1)

@@ -94,12 +94,35 @@ def match_per_image(
     Returns:
         ``(tp, fp, fn, total)``: int64 arrays ``(n_class,)`` and the number of labelled pixels.
     """
-    hist = confusion_histogram(pred, label, n_class)
-    cols = _assign(hist)
-    tp = hist[np.arange(n_class), cols]
+    return match_histogram(confusion_histogram(pred, label, n_class))
+
+
+def match_histogram(
+    hist: np.ndarray, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """:func:`match_per_image` on an image's histogram ``(n_class, n_col)`` as
+    :func:`confusion_histogram` makes it (its width breaks ties, so it must be that one): the same
+    ``(tp, fp, fn, total)``, so a stored histogram can be scored again without the image.
+    ``order``: see :func:`assign_histogram`; counts stay in ``hist``'s row order."""
+    cols = assign_histogram(hist, order)
+    tp = hist[np.arange(hist.shape[0]), cols]
     fn = hist.sum(axis=1) - tp
     fp = hist[:, cols].sum(axis=0) - tp
     return tp, fp, fn, int(hist.sum())
+
+
+def assign_histogram(hist: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """The cluster matched to each class (row) of ``hist`` ``(n_class, n_col)``, ``(n_class,)``.
+
+    ``order``: a permutation of the rows to solve the assignment in (``linear_sum_assignment``
+    breaks ties by position, so the order decides them: DiffCut's class order under
+    ``protocol.compat``, ``eval.protocol.background_last``); None: ``hist``'s own order.
+    """
+    if order is None:
+        return _assign(hist)
+    cols = np.empty(hist.shape[0], dtype=np.int64)
+    cols[order] = _assign(hist[order])
+    return cols
 
 
 def _assign(hist: np.ndarray) -> np.ndarray:

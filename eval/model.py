@@ -19,7 +19,7 @@ from diffseg.loading import ModelLoadError
 HYDRA_FIX = "on the command line: the Hydra override `model.model=/path/to/local/copy`"
 
 
-def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device) -> Any:
+def load_model(model_cfg: Mapping[str, Any], device: torch.device) -> Any:
     """``cfg.model`` (``_target_`` and its arguments) instantiated with ``device``.
 
     Raises:

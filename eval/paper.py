@@ -148,7 +148,14 @@ DIFFCUT = Table(
         "ade20k": "val",
     },
     metrics=("miou",),
-    methods=(Method("DiffSeg", {**_DIFFSEG, "kl_threshold": [1.0, 1.0, 1.0]}), Method("DiffCut")),
+    # DiffCut's own rows, quoted: SSD-1B features with PAMR (its main result), without PAMR, and
+    # with SD 1.4 features.
+    methods=(
+        Method("DiffSeg", {**_DIFFSEG, "kl_threshold": [1.0, 1.0, 1.0]}),
+        Method("DiffCut (SSD-1B)"),
+        Method("DiffCut (SSD-1B, no PAMR)"),
+        Method("DiffCut (SD 1.4)"),
+    ),
     variants=(
         Variant(
             "ours",
@@ -202,8 +209,15 @@ def _differs(got: Any, expected: Any) -> bool:
     return got != expected
 
 
-def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
-    """How the (parsed, version 2) ledger ``row`` differs from ``cell``'s published setting."""
+def scoring_rule(cell: Cell) -> str:
+    """The cell's scoring rule (``eval.rescore``): DiffCut merges unmatched clusters into
+    background on its datasets with one, every other cell is the per-image Hungarian matching."""
+    merges = cell.variant.protocol.get("background") and cell.dataset in _DIFFCUT_BACKGROUND
+    return "background_merge" if merges else "hungarian"
+
+
+def _model_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
+    """The model, its dtype, the attention cache's storage and the model's input side."""
     table, out = cell.table, []
     if row.get("model") != table.model:
         out.append(f"model={row.get('model')}")
@@ -216,6 +230,12 @@ def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
         out.append(f"attention cache in {row.get('attention_cache')}")
     if _int(row.get("resolution")) != (cell.variant.protocol.get("resolution") or table.resolution):
         out.append(f"resolution={row.get('resolution')}")
+    return out
+
+
+def _data_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
+    """The split, every one of its images, the preprocessing."""
+    table, out = cell.table, []
     split = table.datasets[cell.dataset]
     if row.get("split") != split:
         out.append(f"split={row.get('split')} (published: {split})")
@@ -227,28 +247,47 @@ def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
     if skipped:
         out.append(f"{skipped} skipped")
     data = row.get("dataset_settings") or {}
-    for key, expected in table.dataset.items():
-        if key in data and _differs(data[key], expected):
-            out.append(f"dataset.{key}={data[key]}")
+    out += [
+        f"dataset.{key}={data[key]}"
+        for key, expected in table.dataset.items()
+        if key in data and _differs(data[key], expected)
+    ]
     if data.get("cache") and data.get("cache_dtype", "float32") != "float32":
         out.append(f"dataset.cache_dtype={data.get('cache_dtype')}")
-    protocol = row.get("protocol_settings") or {}
+    return out
+
+
+def _protocol_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
+    """Each protocol parameter but the name (the identity, checked by :func:`target`), and the
+    scoring rule of a rescoring."""
+    protocol, out = row.get("protocol_settings") or {}, []
     for key, expected in cell.variant.protocol.items():
-        if key == "name":  # the identity, checked by target()
-            continue
+        got = protocol.get(key)
         if key == "background":
             got = (protocol.get("background") or {}).get(cell.dataset)
             expected = expected if cell.dataset in _DIFFCUT_BACKGROUND else None
-        else:
-            got = protocol.get(key)
-        if _differs(got, expected):
+        if key != "name" and _differs(got, expected):
             out.append(f"protocol.{key}={got}")
+    rule = row.get("scoring") or ""  # empty in rows written before the column
+    if rule and rule != scoring_rule(cell):
+        out.append(f"scoring={rule} (published: {scoring_rule(cell)})")
+    return out
+
+
+def _segmenter_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
     segmenter = row.get("segmenter_settings") or {}
     wanted = {**(cell.method.segmenter or {}), **cell.method.per_dataset.get(cell.dataset, {})}
-    for key, expected in wanted.items():
-        if _differs(segmenter.get(key), expected):
-            out.append(f"segmenter.{key}={segmenter.get(key)}")
-    return out
+    return [
+        f"segmenter.{key}={segmenter.get(key)}"
+        for key, expected in wanted.items()
+        if _differs(segmenter.get(key), expected)
+    ]
+
+
+def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
+    """How the (parsed, version 2) ledger ``row`` differs from ``cell``'s published setting."""
+    checks = (_model_deviations, _data_deviations, _protocol_deviations, _segmenter_deviations)
+    return [problem for check in checks for problem in check(row, cell)]
 
 
 def deviations(row: Mapping[str, Any]) -> list[str]:

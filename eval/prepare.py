@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +40,7 @@ class PrepareReport:
     already: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     n_images: int | None = None
+    nothing_to_do: bool = False  # a generated dataset
 
     @property
     def complete(self) -> bool:
@@ -61,7 +62,7 @@ def prepare_source(src: Mapping, root: Path, progress: bool = True) -> bool:
         archive = found[0]
         verify(archive, **checks)
     else:
-        archive = download(src["url"], root / "downloads" / file, progress=progress, **checks)
+        archive = download(src["url"], root / "downloads" / file, checks, progress)
     if src.get("dest"):
         place(archive, root / src["dest"])
     else:
@@ -72,23 +73,15 @@ def prepare_source(src: Mapping, root: Path, progress: bool = True) -> bool:
     return True
 
 
-def prepare(
-    dataset: Mapping, progress: bool = True, echo: Callable[[str], None] = print
-) -> PrepareReport:
-    """Prepare the dataset described by ``dataset`` (a resolved ``cfg.dataset`` mapping)."""
-    from eval.datasets import get_dataset
-
-    name = dataset["name"]
-    report = PrepareReport()
-    if name == "synthetic":
-        echo("synthetic: generated on the fly, nothing to prepare")
-        return report
-    if dataset.get("root") in (None, ""):
-        raise ValueError(f"{name}: dataset.root is not set; pass dataset.root=PATH")
-    root = Path(dataset["root"]).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    # A Parquet/hub source replaces the files: nothing to download.
-    for src in [] if dataset.get("source") else dataset.get("sources") or []:
+def fetch_sources(
+    sources: Sequence[Mapping],
+    root: Path,
+    report: PrepareReport,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> None:
+    """Prepare each source not prepared yet, noting in ``report`` what was done or is missing."""
+    for src in sources:
         file = src["file"]
         if _marker(root, file).exists():
             echo(f"{file}: already prepared")
@@ -98,16 +91,37 @@ def prepare(
             report.done.append(file)
         else:
             report.missing.append(file)
+
+
+def prepare(
+    dataset: Mapping, progress: bool = True, echo: Callable[[str], None] = print
+) -> PrepareReport:
+    """Prepare the dataset described by ``dataset`` (a resolved ``cfg.dataset`` mapping)."""
+    from eval.datasets import build, registry
+
+    name = dataset["name"]
+    report = PrepareReport()
+    if not registry.get(name).files:
+        echo(f"{name}: generated on the fly, nothing to prepare")
+        report.nothing_to_do = True
+        return report
+    if dataset.get("root") in (None, ""):
+        raise ValueError(f"{name}: dataset.root is not set; pass dataset.root=PATH")
+    root = Path(dataset["root"]).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # A Parquet/hub source replaces the files: nothing to download.
+    fetch_sources(
+        [] if dataset.get("source") else dataset.get("sources") or [], root, report, progress, echo
+    )
     steps = (dataset.get("manual_steps") or "").format(root=root)
     if report.missing:
         echo(f"{name}: {', '.join(report.missing)} not found in {root}. Manual steps:\n{steps}")
         return report
-    options = {k: v for k, v in dataset.items() if k != "name"}
-    options["root"] = root
+    options = {**dataset, "root": root}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            data = get_dataset(name, **options)
+            data = build(options)
     except FileNotFoundError as e:
         echo(f"{name}: the files are in place but the split is not readable yet: {e}")
         if steps:
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0 if report.complete or dataset["name"] == "synthetic" else 1
+    return 0 if report.complete or report.nothing_to_do else 1
 
 
 if __name__ == "__main__":

@@ -54,11 +54,12 @@ from torch.utils.data import Dataset
 
 from diffseg.pamr import pamr
 from diffseg.preprocess import center_crop, resize_image, resize_label
+from eval.datasets import registry
 from eval.datasets.base import IGNORE
 from eval.matching import confusion_histogram, match_per_image
+from eval.schema import validate
 
 CROPS = ("dataset", "min_minus_one")
-COMPAT_DATASETS = ("voc", "coco_object", "ade20k")
 ADE_OTHER = "other (compat: ADE20K label 0)"
 
 
@@ -81,13 +82,16 @@ class Protocol:
     model_resolution: int | None = None
     crop: str = "dataset"
     score_resolution: int | None = None
-    background: Mapping[str, str] = field(default_factory=dict)
+    background: dict[str, str] = field(default_factory=dict)
     compat: bool = False
     pamr: bool = False
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8)
 
     def __post_init__(self) -> None:
+        # One form whatever the source (a config gives lists): equal protocols compare equal.
+        object.__setattr__(self, "background", dict(self.background or {}))
+        object.__setattr__(self, "pamr_dilations", tuple(self.pamr_dilations or (1, 2, 4, 8)))
         if self.crop not in CROPS:
             raise ValueError(f"protocol.crop must be one of {CROPS}, got {self.crop!r}")
         for key in ("resolution", "model_resolution", "score_resolution"):
@@ -113,15 +117,9 @@ class Protocol:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Protocol:
-        """From ``cfg.protocol`` (a mapping); unknown keys are an error naming them."""
-        values = dict(cfg)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown protocol keys {unknown}; accepted: {sorted(known)}")
-        values["background"] = dict(values.get("background") or {})
-        values["pamr_dilations"] = tuple(values.get("pamr_dilations") or (1, 2, 4, 8))
-        return cls(**values)
+        """From ``cfg.protocol`` (a mapping), this class being its schema
+        (:func:`eval.schema.validate`): unknown keys and bad values are errors naming them."""
+        return validate(cls, cfg, "protocol")
 
     @property
     def transforms_data(self) -> bool:
@@ -260,12 +258,20 @@ def merge_unmatched_into_background(
     # Index n_class (-> -1) for the ignored pixels.
     fg_label = to_fg[torch.where(valid, label, torch.full_like(label, n_class))]
     hist = confusion_histogram(pred, fg_label, n_class - 1)
-    _, cols = linear_sum_assignment(hist, maximize=True)
-    assigned = hist[:, cols].max(axis=1) > 0
-    keep = torch.as_tensor(np.asarray(cols)[assigned], dtype=torch.long)
+    keep = torch.as_tensor(clusters_kept(hist), dtype=torch.long)
     out = pred.long().clone()
     out[~torch.isin(out, keep)] = int(pred.max()) + 1
     return out
+
+
+def clusters_kept(fg_hist: np.ndarray) -> np.ndarray:
+    """Steps 1-2 of :func:`merge_unmatched_into_background` on its foreground histogram
+    ``(n_class - 1, max(n_class - 1, pred.max() + 1))`` (classes in dataset order, background
+    left out): the ids of the clusters kept. Shared with ``eval.contingency``, which merges a
+    stored histogram without the image."""
+    _, cols = linear_sum_assignment(fg_hist, maximize=True)
+    assigned = fg_hist[:, cols].max(axis=1) > 0
+    return np.asarray(cols)[assigned]
 
 
 def refine_labels(
@@ -353,8 +359,8 @@ def scoring(protocol: Protocol, dataset: Dataset, dataset_name: str) -> Scoring:
 def check_dataset(protocol: Protocol, options: Mapping[str, Any]) -> None:
     """The dataset settings (``cfg.dataset``) fit the protocol: when it crops for itself the file
     loaders keep the original size (``conf/dataset/protocol/`` sets it), and no cache (which holds
-    the loader's crop) is read."""
-    if protocol.crop == "dataset" or options["name"] == "synthetic":
+    the loader's crop) is read. A generated dataset (no files) has no original size to keep."""
+    if protocol.crop == "dataset" or not registry.get(options["name"]).files:
         return
     if options.get("cache"):
         raise ValueError(

@@ -19,9 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from eval.schema import NOT_SETTINGS
+
 VERSION_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "scipy", "simplejpeg")
-# Dataset keys that say where files are or how to fetch them, not what is computed from them.
-_NOT_DATASET_SETTINGS = ("root", "cache_dir", "sources", "manual_steps")
 
 
 def versions() -> dict[str, str]:
@@ -109,9 +109,14 @@ def settings(
     """The ledger's setting columns for the resolved config ``cfg`` (a plain dict).
 
     ``protocol``: the resolved :class:`eval.protocol.Protocol`; ``resolution``: the model input
-    side; ``split_size``: the published size of the split (None when unknown).
+    side; ``split_size``: the published size of the split (None when unknown). The segmenter's
+    settings are recorded as its call gets them (``eval.segmenters.settings``: a scalar KL
+    threshold as its three values).
     """
-    model, segmenter, dataset = cfg["model"], cfg["segmenter"], cfg["dataset"]
+    from eval.segmenters import settings as segmenter_settings
+
+    model, dataset = cfg["model"], cfg["dataset"]
+    segmenter = segmenter_settings(cfg["segmenter"])
     cache = cfg.get("cache") or {}
     return {
         "experiment": cfg.get("experiment") or "",
@@ -121,7 +126,7 @@ def settings(
         "split": dataset.get("split") or "",
         "split_size": "" if split_size is None else split_size,
         "dataset_settings": {
-            k: v for k, v in dataset.items() if k not in ("name", "split", *_NOT_DATASET_SETTINGS)
+            k: v for k, v in dataset.items() if k not in ("name", "split", *NOT_SETTINGS)
         },
         "model": model_choice,
         "model_id": str(model.get("model") or ""),

@@ -27,7 +27,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from eval.__main__ import CONFIG_DIR, fail
+from eval import CONFIG_DIR
+from eval.jobs import fail
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Hydra command-line flags that take the next argument as their value.
@@ -134,8 +135,8 @@ def segment_images(
     from diffseg.preprocess import preprocess_image
     from eval import visualize
     from eval.datasets.base import read_image
-    from eval.model import load_pipeline
-    from eval.run import resolve_device, seed_everything
+    from eval.model import load_model
+    from eval.runtime import resolve_device, seed_everything
     from eval.segmenters import GT, segment_batch, segmenter_call
 
     images, skipped = readable_images(images, named)
@@ -150,7 +151,7 @@ def segment_images(
             f"segmenter={call['name']} takes its cluster count from ground truth, which a plain "
             "image does not have; use segmenter=kmeans_c or segmenter.n_clusters=N"
         )
-    pipeline = load_pipeline(cfg.model, device)
+    pipeline = load_model(cfg.model, device)
 
     results, used = [], set()
     for path in images:

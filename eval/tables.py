@@ -17,6 +17,7 @@ swept parameter, one figure per ledger ``experiment`` that varies it, one curve 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,23 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
-from eval import home, paper
+from eval import PROJECT_ROOT, home, paper
 from eval import ledger as ledger_io
 from eval.atomic import atomic_open, write_text_atomic
 from eval.columns import SETTING_COLUMNS
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 METRICS = {"pixel_accuracy": "Acc", "miou": "mIoU"}
-DATASET_NAMES = {
-    "coco_stuff27": "COCO-Stuff-27",
-    "cityscapes": "Cityscapes",
-    "voc": "VOC",
-    "pascal_context59": "Pascal Context",
-    "coco_object": "COCO-Object",
-    "ade20k": "ADE20K",
-    "synthetic": "Synthetic",
-}
 NOT_PUBLISHED = "—"
 NOT_RUN = "not run"
 _TEXT_COLUMNS = {"Method", "Dataset", "Source"}  # left-aligned; the others hold numbers
@@ -51,6 +44,18 @@ _TEXT_COLUMNS = {"Method", "Dataset", "Source"}  # left-aligned; the others hold
 
 # --------------------------------------------------------------------------------------------
 # Reading
+
+
+@functools.cache
+def dataset_titles(conf_dir: Path = PROJECT_ROOT / "conf") -> dict[str, str]:
+    """Dataset name -> the title tables print: ``name`` and ``title`` of each
+    ``conf/dataset/*.yaml`` (read as text, so the tables need neither Hydra nor the loaders)."""
+    titles = {}
+    for path in sorted((conf_dir / "dataset").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        if cfg.get("name") and cfg.get("title"):
+            titles[cfg.name] = cfg.title
+    return titles
 
 
 def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -169,7 +174,7 @@ def other_runs(table: paper.Table, rows: Sequence[Mapping[str, Any]]) -> list[di
             {
                 "run_id": str(row["run_id"]),
                 "method": cell.method.name,
-                "dataset": DATASET_NAMES.get(cell.dataset, cell.dataset),
+                "dataset": dataset_titles().get(cell.dataset, cell.dataset),
                 "column": cell.variant.label,
                 "scores": scores,
                 "deviations": "; ".join(problems),
@@ -205,7 +210,7 @@ def display_table(tidy: pd.DataFrame, table: paper.Table) -> pd.DataFrame:
     variant (the published protocol's) -- strings, one decimal."""
     out = []
     for (method, dataset), group in tidy.groupby(["method", "dataset"], sort=False):
-        line = {"Method": method, "Dataset": DATASET_NAMES.get(dataset, dataset)}
+        line = {"Method": method, "Dataset": dataset_titles().get(dataset, dataset)}
         for metric in table.metrics:
             cells = group[group["metric"] == metric]
             name = METRICS[metric]

@@ -165,17 +165,6 @@ def test_bad_pair_stored_as_error_and_on_error_applies(tmp_path):
     assert skipping.skipped == 1 and "200" in str(caught[0].message)
 
 
-def test_split_by_node_covers_each_image_once(tmp_path):
-    cached = get_dataset("synthetic", tmp_path, cache=True, resolution=8, length=5)
-    parts = [cached.shard(rank, 2) for rank in range(2)]
-    ids = [[x["id"] for x in _items(p)] for p in parts]
-    assert sorted(len(i) for i in ids) == [2, 3]  # no padding duplicates
-    assert sorted(ids[0] + ids[1]) == sorted(x["id"] for x in _items(cached))
-    assert parts[1].n_class == cached.n_class
-    with pytest.raises(ValueError, match="rank"):
-        cached.shard(2, 2)
-
-
 def test_unwritable_root_names_cache_dir_which_moves_the_cache(tmp_path):
     root = tmp_path / "data"
     _cityscapes(root, n=2)

@@ -153,7 +153,7 @@ def test_bad_merge_settings_fail_before_the_model_is_instantiated(
 
 def test_run_status_through_failure_resume_and_finish(tmp_path: Path) -> None:
     from eval.jobs import record_failure, set_status
-    from eval.run import open_run_state
+    from eval.state import open_run_state
 
     def state() -> dict:
         return json.loads((tmp_path / "run.json").read_text())
@@ -214,7 +214,7 @@ def test_optuna_search_goes_on_after_a_failed_trial(tmp_path: Path) -> None:
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.seed=10",
         "segmenter.num_points=choice(1,4)",
-        "kl=1.0",
+        "segmenter.kl_threshold=1.0",
         "segmenter.timestep=300",
         "dataset=synthetic",
         "dataset.split=val",

@@ -18,20 +18,23 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from PIL import Image
 
-from eval.__main__ import CONFIG_DIR
+from eval import CONFIG_DIR
+from eval.segmenters import segmenter_call, settings
+from eval.tune import choose
 from tests.helpers import offline_env
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SWEEPS = {
-    "ablation_kl": {"dataset", "kl"},
+    "ablation_kl": {"dataset", "segmenter.kl_threshold"},
     "ablation_timestep": {"dataset", "segmenter.timestep"},
     "ablation_points": {"dataset", "segmenter.num_points"},
     "ablation_weights": {"dataset", "segmenter.weights"},
     "ablation_refine": {"dataset", "segmenter.refine"},
     "extra_datasets": {"dataset"},
     "table1_kmeans": {"dataset", "segmenter"},
-    "optuna_search": {"kl", "segmenter.timestep", "segmenter.num_points"},
+    "optuna_search": {"segmenter.kl_threshold", "segmenter.timestep", "segmenter.num_points"},
     "diffcut_diffseg": {"dataset"},
+    "tune_kl": {"kl"},
 }
 TABLES_CMD = (sys.executable, "-m", "eval.tables")
 TINY = (
@@ -52,7 +55,28 @@ def composed(*overrides: str):
 
 
 def test_the_expected_experiments_exist() -> None:
-    assert set(EXPERIMENTS) == {*SWEEPS, "table1_coco", "table1_cityscapes"}
+    assert set(EXPERIMENTS) == {*SWEEPS, "table1_coco", "table1_cityscapes", "tune_kl_val"}
+
+
+def test_kl_is_tuned_on_training_images_and_evaluated_once_on_val() -> None:
+    tune = composed("+experiment=tune_kl")
+    assert (tune.dataset.name, tune.dataset.split, tune.limit) == ("cityscapes", "train", 200)
+    val = composed("+experiment=tune_kl_val", "kl=0.7")
+    OmegaConf.resolve(val.segmenter)
+    assert (val.dataset.split, val.limit) == ("val", None)
+    assert list(val.segmenter.kl_threshold) == [0.7, 0.7, 0.7]
+    # The chosen value: best mIoU among the sweep's rows (latest per threshold, ties to the
+    # smaller threshold), rescorings and other experiments left out.
+    rows = [
+        {"experiment": "tune_kl", "dataset": "cityscapes", "kl_threshold": [kl] * 3, "miou": m,
+         "n_images": 200, "split": "train", "ledger_version": "2", "rescored_from": rescored}
+        for kl, m, rescored in [(0.9, 0.30, ""), (0.7, 0.31, ""), (1.1, 0.31, ""), (0.7, 0.20, ""),
+                                (0.5, 0.90, "abc")]
+    ] + [{"experiment": "ablation_kl", "dataset": "cityscapes", "kl_threshold": [1.3] * 3,
+          "miou": 0.99, "n_images": 200, "ledger_version": "2"}]  # fmt: skip
+    (choice,) = choose(rows)
+    assert (choice.dataset, choice.kl, choice.value) == ("cityscapes", 1.1, 0.31)
+    assert choice.scores == {0.7: 0.20, 0.9: 0.30, 1.1: 0.31}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -71,7 +95,7 @@ def test_experiment_composes_and_each_swept_value_composes(name: str) -> None:
             override.sweep_string_iterator(), override.sweep_iterator(), strict=True
         ):
             one = composed(f"+experiment={name}", f"{key}={text}")
-            OmegaConf.resolve(one.segmenter)  # interpolations such as ${kl} resolve
+            OmegaConf.resolve(one.segmenter)  # interpolations resolve
             got = one[key].name if key in ("dataset", "segmenter") else OmegaConf.select(one, key)
             assert (OmegaConf.to_object(got) if OmegaConf.is_config(got) else got) == value
 
@@ -94,8 +118,10 @@ def test_table1_settings_are_the_papers(name: str, dataset: str, kl: float, spli
 
 
 def test_scalar_kl_is_broadcast_to_the_three_iterations() -> None:
-    cfg = composed("+experiment=ablation_kl", "kl=0.7")
-    assert OmegaConf.to_container(cfg.segmenter, resolve=True)["kl_threshold"] == [0.7] * 3
+    cfg = composed("+experiment=ablation_kl", "segmenter.kl_threshold=0.7")
+    segmenter = OmegaConf.to_container(cfg.segmenter, resolve=True)
+    assert settings(segmenter)["kl_threshold"] == [0.7] * 3
+    assert segmenter_call(segmenter, 512, 0)["kl_threshold"] == [0.7] * 3
 
 
 def test_kmeans_segmenters_compose() -> None:
@@ -118,7 +144,11 @@ def multiruns(tmp_path_factory):
     """The KL sweep and the Optuna search, started together (two processes, one thread each)."""
     tmp = tmp_path_factory.mktemp("multirun")
     runs = {
-        "sweep": ["+experiment=ablation_kl", "kl=0.5,1.5", "segmenter.num_points=4"],
+        "sweep": [
+            "+experiment=ablation_kl",
+            "segmenter.kl_threshold=0.5,1.5",
+            "segmenter.num_points=4",
+        ],
         "optuna": [
             "+experiment=optuna_search",
             "hydra.sweeper.n_trials=2",
@@ -192,4 +222,4 @@ def test_optuna_runs_two_trials_maximising_the_returned_miou(multiruns: Path) ->
         assert 50 <= int(row["timestep"]) <= 900
     result = yaml.safe_load((multiruns / "optuna" / "sweep" / "optimization_results.yaml").open())
     assert result["best_value"] == pytest.approx(max(float(r["miou"]) for r in rows))
-    assert set(result["best_params"]) == {"kl", "segmenter.timestep", "segmenter.num_points"}
+    assert set(result["best_params"]) == SWEEPS["optuna_search"]

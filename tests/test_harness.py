@@ -30,18 +30,12 @@ from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.datasets import DataFileError, get_dataset
 from eval.ledger import append as append_ledger
-from eval.logging import wandb_mode
+from eval.loggers import wandb_mode
+from eval.loop import IndexedItems, collate, predict, restore_images
 from eval.matching import match_per_image
-from eval.run import (
-    RunError,
-    _check_config,
-    _collate,
-    _Indexed,
-    _predict,
-    _restore_images,
-    open_run_state,
-    resolve_device,
-)
+from eval.runtime import RunError, resolve_device
+from eval.schema import check_run
+from eval.state import open_run_state
 from eval.visualize import find_edges, save_label_png
 from tests import fixtures as fx
 from tests.helpers import offline_env, run_module
@@ -117,6 +111,9 @@ def test_run_writes_every_output_with_its_columns(reference: Path) -> None:
     assert row["run_dir"] == str(run.resolve()) and "torch" in json.loads(row["versions"])
     assert (row["ledger_version"], row["dtype"], row["n_skipped"]) == ("2", "float32", "0")
     assert row["deviations"].startswith("no published cell")
+    # The demo's granularity report (eval.granularity) and what eval.rescore reads.
+    assert (run / "granularity.csv").is_file() and (run / "granularity.png").is_file()
+    assert row["scoring"] == "hungarian" and list((run / "contingency").glob("part-0-*.parquet"))
 
     dataset = get_dataset("synthetic", resolution=RES)
     columns, per_class = csv_rows(run / "per_class.csv")
@@ -309,7 +306,11 @@ def test_bad_file_read_by_a_loader_worker_is_one_line_naming_it(tmp_path: Path) 
     out = run_eval(tmp_path, *args, "num_workers=2", "logger=csv")
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
-    assert errors == [f"Error: DataFileError: cannot read image {jpg}: Truncated File Read"]
+    # The message the loader raises in this process (num_workers=0), one line naming the file.
+    with pytest.raises(DataFileError) as direct:
+        get_dataset("voc", tmp_path / "voc", resolution=RES)[0]
+    assert errors == [f"Error: DataFileError: {direct.value}"]
+    assert str(direct.value).startswith(f"cannot read image {jpg}: ")
     assert "Traceback" not in out.stderr and "worker" not in out.stderr
 
 
@@ -321,10 +322,10 @@ def test_bad_values_are_rejected_naming_the_key() -> None:
     from omegaconf import OmegaConf
 
     good = {"limit": None, "batch_size": 2, "num_workers": 0, "n_qualitative": 0, "seed": 1}
-    _check_config(OmegaConf.create(good))
+    check_run(OmegaConf.create(good))
     for key, value in [("limit", 0), ("limit", "ten"), ("batch_size", 0), ("num_workers", -1)]:
         with pytest.raises(ValueError, match=key):
-            _check_config(OmegaConf.create({**good, key: value}))
+            check_run(OmegaConf.create({**good, key: value}))
 
 
 @pytest.mark.skipif(
@@ -346,9 +347,9 @@ def test_out_of_gpu_memory_names_the_batch_size_to_use() -> None:
     with pytest.raises(
         RunError, match=r"batch_size=8; lower it, e.g. batch_size=4.*hydra\.run\.dir"
     ):
-        _predict(pipeline, items, torch.device("cpu"), {}, batch_size=8)
+        predict(pipeline, items, torch.device("cpu"), {}, batch_size=8)
     with pytest.raises(RunError, match="already 1"):
-        _predict(pipeline, items[:1], torch.device("cpu"), {}, batch_size=1)
+        predict(pipeline, items[:1], torch.device("cpu"), {}, batch_size=1)
 
 
 def test_run_state_pins_settings(tmp_path: Path) -> None:
@@ -438,17 +439,17 @@ def test_find_edges_marks_pixels_next_to_another_label() -> None:
 
 def test_collate_stacks_same_size_images_and_keeps_skipped_indices() -> None:
     a, b = torch.rand(3, 8, 8), torch.rand(3, 8, 8)
-    batch = _collate([(4, {"image": a}), (5, None), (6, {"image": b})])
+    batch = collate([(4, {"image": a}), (5, None), (6, {"image": b})])
     assert batch["index"] == [4, 6] and batch["skipped"] == [5]
     assert torch.equal(batch["images"], torch.stack([a, b]))
-    _restore_images(batch)
+    restore_images(batch)
     assert [item["image"].data_ptr() for item in batch["items"]] == [
         image.data_ptr() for image in batch["images"]
     ]  # views of the one stack
     assert torch.equal(batch["items"][1]["image"], b)
-    mixed = _collate([(0, {"image": a}), (1, {"image": torch.rand(3, 8, 10)})])
+    mixed = collate([(0, {"image": a}), (1, {"image": torch.rand(3, 8, 10)})])
     assert mixed["images"] is None and len(mixed["items"]) == 2
-    assert _collate([(0, None)])["images"] is None
+    assert collate([(0, None)])["images"] is None
 
 
 @pytest.mark.filterwarnings("ignore::eval.datasets.SplitSizeWarning")
@@ -459,11 +460,14 @@ def test_loader_worker_hands_the_data_error_itself_to_the_main_process(tmp_path:
     jpg = tmp_path / "VOCdevkit/VOC2012/JPEGImages/bad.jpg"
     jpg.write_bytes(jpg.read_bytes()[:100])
     data = get_dataset("voc", tmp_path, resolution=8)
-    loader = DataLoader(_Indexed(data, [0, 1]), batch_size=1, num_workers=2, collate_fn=_collate)
+    loader = DataLoader(IndexedItems(data, [0, 1]), batch_size=1, num_workers=2, collate_fn=collate)
     first, second = list(loader)
     assert first["error"] is None and first["index"] == [0]
     assert isinstance(second["error"], DataFileError) and second["items"] == []
-    assert str(second["error"]) == f"cannot read image {jpg}: Truncated File Read"
+    with pytest.raises(DataFileError) as direct:  # as the dataset raises it in this process
+        data[1]
+    assert str(second["error"]) == str(direct.value)
+    assert str(direct.value).startswith(f"cannot read image {jpg}: ")
 
 
 def test_predict_batched_on_the_stack_equals_one_call_per_image() -> None:
@@ -474,9 +478,9 @@ def test_predict_batched_on_the_stack_equals_one_call_per_image() -> None:
         return (images[:, 0] > 0.5).long()
 
     items = [{"image": torch.rand(3, 8, 8)} for _ in range(3)]
-    stacked = _collate([(i, dict(item)) for i, item in enumerate(items)])["images"]
-    batched = _predict(pipeline, items, torch.device("cpu"), {}, 3, stacked)
-    single = _predict(pipeline, items, torch.device("cpu"), {}, 3)
+    stacked = collate([(i, dict(item)) for i, item in enumerate(items)])["images"]
+    batched = predict(pipeline, items, torch.device("cpu"), {}, 3, stacked)
+    single = predict(pipeline, items, torch.device("cpu"), {}, 3)
     assert calls == [3, 1, 1, 1]
     assert all(torch.equal(x, y) for x, y in zip(batched, single, strict=True))
 

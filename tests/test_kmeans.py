@@ -1,4 +1,4 @@
-"""The paper's K-means baselines (diffseg/kmeans.py, eval/segmenters.py, segmenter=kmeans_c/_s):
+"""The paper's K-means baselines (diffseg/kmeans.py, eval/segmenters/kmeans.py, segmenter=kmeans_c/_s):
 known answers on block-structured attention, an independent Lloyd (scipy) for the full chain,
 seeding, per-image cluster counts from the ground truth, and one harness run end to end."""
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from eval import ledger as ledger_io
-from eval.run import Outputs, RunError, append_to_ledger
+from eval.outputs import Outputs, append_to_ledger
+from eval.runtime import RunError
 from tests import fixtures as fx
 from tests.helpers import run_module
 

@@ -249,11 +249,11 @@ def test_hub_failure_names_the_model_and_the_fix(monkeypatch):
 
 
 def test_harness_adds_the_hydra_override_to_a_model_load_error(tmp_path):
-    from eval.model import HYDRA_FIX, load_pipeline
+    from eval.model import HYDRA_FIX, load_model
 
     cfg = {"_target_": "diffseg.pipeline.DiffSegPipeline.from_pretrained", "model": "./absent"}
     with pytest.raises(ModelNotFoundError, match=r"no such directory.*model\.model=") as info:
-        load_pipeline(cfg, torch.device("cpu"))
+        load_model(cfg, torch.device("cpu"))
     assert str(info.value).endswith(HYDRA_FIX)
 
 
@@ -271,3 +271,18 @@ def test_compiled_unet_keeps_capturing_the_same_attention(images):
         assert torch.equal(out.labels, expected.labels)
         for r, attention in expected.attention.items():
             torch.testing.assert_close(out.attention[r], attention, rtol=0, atol=1e-6)
+
+
+def test_one_device_resolver_for_library_and_harness():
+    from diffseg.devices import DeviceUnavailableError, resolve_device
+    from eval.runtime import RunError
+    from eval.runtime import resolve_device as run_device
+
+    assert resolve_device(None) == resolve_device("auto") == run_device("auto")
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        resolve_device("gpu")
+    beyond = f"cuda:{torch.cuda.device_count()}"  # absent on any machine
+    with pytest.raises(DeviceUnavailableError, match=r"device=cuda:\d+ but"):
+        resolve_device(beyond)
+    with pytest.raises(RunError, match=r"device=cuda:\d+ but"):
+        run_device(beyond)

@@ -172,7 +172,7 @@ def test_diffcut_table_compares_like_with_like(ledger, tmp_path):
     assert header[2:6] == [
         "mIoU paper", "mIoU ours (DiffCut's labels)", "Δ mIoU", "mIoU ours (corrected labels)",
     ]  # fmt: skip
-    assert len(body) == 12
+    assert len(body) == 4 * 6  # DiffSeg and DiffCut's three published rows, six datasets
     voc = body[("DiffSeg", "VOC")]
     # The published cell holds the run under DiffCut's label rules (compat); the corrected rules'
     # run has its own column and no delta against the published number.
@@ -181,8 +181,17 @@ def test_diffcut_table_compares_like_with_like(ledger, tmp_path):
     )  # fmt: skip
     assert (voc["mIoU ours (corrected labels)"], voc["n"]) == ("55.0", "1449")
     assert body[("DiffSeg", "ADE20K")]["mIoU ours (DiffCut's labels)"] == "not run"
-    cut = body[("DiffCut", "Cityscapes")]
-    assert (cut["mIoU paper"], cut["mIoU ours (DiffCut's labels)"]) == ("30.6", "")
+    published = {
+        method: [body[(method, d)]["mIoU paper"] for d in ("VOC", "Cityscapes", "ADE20K")]
+        for method in ("DiffCut (SSD-1B)", "DiffCut (SSD-1B, no PAMR)", "DiffCut (SD 1.4)")
+    }
+    assert published == {
+        "DiffCut (SSD-1B)": ["65.2", "30.6", "44.3"],
+        "DiffCut (SSD-1B, no PAMR)": ["62.0", "28.4", "42.4"],
+        "DiffCut (SD 1.4)": ["57.5", "24.5", "36.7"],
+    }
+    cut = body[("DiffCut (SSD-1B)", "Cityscapes")]
+    assert cut["mIoU ours (DiffCut's labels)"] == ""  # quoted: not run by this project (yet)
 
 
 @pytest.mark.parametrize(
@@ -344,7 +353,11 @@ def test_experiment_filter_and_latest_row(tmp_path):
 
 def test_sweep_plot_and_points(tmp_path):
     def kl_run(run_id, timestamp, dataset, kl, acc, miou, experiment="ablation_kl"):
-        overrides = ("+experiment=ablation_kl", f"dataset={dataset}", f"kl={kl}")
+        overrides = (
+            "+experiment=ablation_kl",
+            f"dataset={dataset}",
+            f"segmenter.kl_threshold={kl}",
+        )
         return run(run_id, timestamp, acc, miou, overrides, experiment=experiment)
 
     rows = [

@@ -9,15 +9,18 @@ values above 150 are an error.  The validation split has 2,000 images.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import ADE20K_CLASSES
+from eval.datasets.registry import register
 
 FOLDERS = {"val": "validation", "validation": "validation", "train": "training"}
-SPLIT_SIZES = {"validation": 2000, "training": 20210}
+# Published images per split (the config says val; the folders say validation).
+SPLIT_SIZES = {"val": 2000, "validation": 2000, "train": 20210}
 LAYOUT = """  ROOT/ADEChallengeData2016/images/validation/<id>.jpg
   ROOT/ADEChallengeData2016/annotations/validation/<id>.png   (8-bit grey, 0 other, 1..150)"""
 
@@ -26,6 +29,11 @@ def lut() -> np.ndarray:
     return label_lut({v: v - 1 for v in range(1, len(ADE20K_CLASSES) + 1)}, ignore=[0])
 
 
+def labels() -> tuple[np.ndarray, Sequence[str]]:
+    return lut(), ADE20K_CLASSES
+
+
+@register("ade20k", labels=labels, split_sizes=SPLIT_SIZES)
 def ade20k(
     root: str | os.PathLike, split: str = "val", on_error: str = "raise", **kwargs
 ) -> SegmentationFiles:
@@ -45,9 +53,8 @@ def ade20k(
     return SegmentationFiles(
         "ade20k",
         candidates,
-        lut(),
-        ADE20K_CLASSES,
+        *labels(),
         on_error=on_error,
-        expected_size=SPLIT_SIZES[folder],
+        expected_size=SPLIT_SIZES[split],
         **kwargs,
     )

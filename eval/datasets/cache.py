@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffseg import preprocess
-from eval.datasets import base
+from eval.datasets import base, registry
 from eval.datasets.base import DataFileError, SegmentationFiles, check_on_error
 from eval.datasets.sources import TableSegmentation, parquet_files, parse_source
 
@@ -111,7 +111,8 @@ def inputs(dataset: Dataset) -> list:
         kind, target = parse_source(dataset.source)
         if kind == "parquet":
             return [_stat(p) for p in parquet_files(target)]
-        return [dataset.table._fingerprint, *(f["filename"] for f in dataset.table.cache_files)]
+        # The hub copy's Arrow files as downloaded: a new revision is new files.
+        return [_stat(Path(f["filename"])) for f in dataset.table.cache_files]
     if isinstance(dataset, SegmentationFiles):
         return [[s.id, _stat(s.image), _stat(s.label)] for s in dataset.samples]
     return []  # synthetic: the options and the code determine every pixel
@@ -300,22 +301,12 @@ class CachedDataset(Dataset):
         label = torch.from_numpy(row["label"]).long()
         return {"image": image, "label": label, "id": str(row["id"])}
 
-    def shard(self, rank: int, world_size: int) -> CachedDataset:
-        """This rank's contiguous share (``split_dataset_by_node``): every item on one rank only."""
-        from datasets.distributed import split_dataset_by_node
 
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..world_size-1={world_size - 1}, got {rank}")
-        part = split_dataset_by_node(self.table, rank=rank, world_size=world_size)
-        return CachedDataset(part, self.class_names, self.name, self.on_error, self.skipped)
-
-
-def key_options(dataset: Dataset, source: str | None, columns: Mapping | None) -> dict:
-    """The options, besides name, split and resolution, that change the stored values."""
-    attrs = (
-        *("antialias", "keep_size", "jpeg_decoder"),  # file datasets
-        *("length", "seed", "n_class", "regions", "noise", "texture"),  # synthetic
-    )
+def key_options(dataset: Dataset, name: str, source: str | None, columns: Mapping | None) -> dict:
+    """The options, besides name, split and resolution, that change the stored values: the
+    registered loader options of dataset ``name`` that ``dataset`` holds as attributes, but
+    ``on_error`` (the cache stores a pair's error, ``on_error`` applies when it is read)."""
+    attrs = [a for a in registry.get(name).loader_options if a != "on_error"]
     options = {a: getattr(dataset, a) for a in attrs if hasattr(dataset, a)}
     return {**options, "source": source, "columns": dict(columns) if columns else None}
 
@@ -345,7 +336,7 @@ def cached(
     if getattr(dataset, "keep_size", False):
         raise ValueError(f"{name}: dataset.cache=true stores fixed-size images; it cannot be "
                          "combined with keep_size=true")  # fmt: skip
-    key = {**key_options(dataset, source, columns), "dtype": dtype}
+    key = {**key_options(dataset, name, source, columns), "dtype": dtype}
     path = cache_path(folder, name, split, resolution, key)
     check_writable(folder, name)
     fp = fingerprint(dataset, key)

@@ -11,12 +11,14 @@ Other values (34..254) are an error.  The val split has 500 images.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import CITYSCAPES27_CLASSES
+from eval.datasets.registry import register
 
 FIRST_ID = 7
 SPLIT_SIZES = {"train": 2975, "val": 500, "test": 1525}
@@ -30,6 +32,11 @@ def lut() -> np.ndarray:
     return label_lut(mapping, ignore=[*range(FIRST_ID), 255])
 
 
+def labels() -> tuple[np.ndarray, Sequence[str]]:
+    return lut(), CITYSCAPES27_CLASSES
+
+
+@register("cityscapes", labels=labels, split_sizes=SPLIT_SIZES)
 def cityscapes(
     root: str | os.PathLike, split: str = "val", on_error: str = "raise", **kwargs
 ) -> SegmentationFiles:
@@ -46,8 +53,7 @@ def cityscapes(
     return SegmentationFiles(
         "cityscapes",
         candidates,
-        lut(),
-        CITYSCAPES27_CLASSES,
+        *labels(),
         on_error=on_error,
         expected_size=SPLIT_SIZES.get(split),
         **kwargs,

@@ -397,3 +397,13 @@ PASCAL_CONTEXT59_CLASSES: tuple[str, ...] = (
     "window",
     "wood",
 )
+
+# Thing classes, where a dataset defines the thing/stuff split (every other class is stuff); the
+# rescoring reports mIoU over each part. COCO-Stuff-27: the 12 thing supercategories come first
+# (PiCIE / STEGO order, above). Cityscapes: the classes with ``hasInstances=True`` in
+# cityscapesScripts ``helpers/labels.py`` (categories human and vehicle). Datasets not listed
+# (ADE20K, Pascal Context, VOC, COCO-Object, synthetic) get no split.
+THING_CLASSES: dict[str, tuple[str, ...]] = {
+    "coco_stuff27": COCO_STUFF27_CLASSES[:12],
+    "cityscapes": CITYSCAPES27_CLASSES[CITYSCAPES27_CLASSES.index("person") :],
+}

@@ -39,6 +39,7 @@ from eval.datasets.classes import (
     COCO_STUFF_FINE,
     coco_fine_to_coarse,
 )
+from eval.datasets.registry import register
 
 CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
 SPLIT_SIZES = {"curated": 2175, "full": 5000}
@@ -55,12 +56,20 @@ def stuff27_lut() -> np.ndarray:
     return label_lut(coco_fine_to_coarse(), ignore=[255, *UNUSED_IDS])
 
 
+def stuff27_labels() -> tuple[np.ndarray, Sequence[str]]:
+    return stuff27_lut(), COCO_STUFF27_CLASSES
+
+
 def object81_lut() -> np.ndarray:
     """Annotated thing id -> 1..80 in COCO order, stuff -> 0, 255 and unused ids -> ignore."""
     things = [i for i in range(COCO_FIRST_STUFF) if COCO_STUFF_FINE[i][1] is not None]
     mapping = {fine: k + 1 for k, fine in enumerate(things)}
     mapping.update({fine: 0 for fine in range(COCO_FIRST_STUFF, len(COCO_STUFF_FINE))})
     return label_lut(mapping, ignore=[255, *UNUSED_IDS])
+
+
+def object81_labels() -> tuple[np.ndarray, Sequence[str]]:
+    return object81_lut(), COCO_OBJECT_CLASSES
 
 
 def _folders(root: Path, name: str) -> tuple[Path, Path, list[Path]]:
@@ -97,8 +106,7 @@ def _samples(name: str, root: Path, split: str) -> list[Sample]:
 
 def _build(
     name: str,
-    lut: np.ndarray,
-    classes: Sequence[str],
+    labels: tuple[np.ndarray, Sequence[str]],
     root: str | os.PathLike,
     split: str,
     on_error: str,
@@ -110,27 +118,24 @@ def _build(
     return SegmentationFiles(
         name,
         _samples(name, Path(root), split),
-        lut,
-        classes,
+        *labels,
         on_error=on_error,
         expected_size=SPLIT_SIZES[split],
         **kwargs,
     )
 
 
+@register("coco_stuff27", labels=stuff27_labels, split_sizes=SPLIT_SIZES)
 def coco_stuff27(
     root: str | os.PathLike, split: str = "curated", on_error: str = "raise", **kwargs
 ) -> SegmentationFiles:
     """COCO-Stuff-27 (27 coarse classes); see the module docstring for the conventions."""
-    return _build(
-        "coco_stuff27", stuff27_lut(), COCO_STUFF27_CLASSES, root, split, on_error, **kwargs
-    )
+    return _build("coco_stuff27", stuff27_labels(), root, split, on_error, **kwargs)
 
 
+@register("coco_object", labels=object81_labels, split_sizes=SPLIT_SIZES)
 def coco_object(
     root: str | os.PathLike, split: str = "full", on_error: str = "raise", **kwargs
 ) -> SegmentationFiles:
     """COCO-Object (80 things + background); see the module docstring for the conventions."""
-    return _build(
-        "coco_object", object81_lut(), COCO_OBJECT_CLASSES, root, split, on_error, **kwargs
-    )
+    return _build("coco_object", object81_labels(), root, split, on_error, **kwargs)

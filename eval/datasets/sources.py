@@ -19,41 +19,21 @@ from __future__ import annotations
 
 import glob
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from eval.datasets.ade20k import lut as ade20k_lut
+from eval.datasets import registry
 from eval.datasets.base import DataFileError, SegmentationFiles, decode_image
-from eval.datasets.cityscapes import lut as cityscapes_lut
-from eval.datasets.classes import (
-    ADE20K_CLASSES,
-    CITYSCAPES27_CLASSES,
-    COCO_OBJECT_CLASSES,
-    COCO_STUFF27_CLASSES,
-    VOC_CLASSES,
-)
-from eval.datasets.coco import object81_lut, stuff27_lut
-from eval.datasets.voc import context_labels, voc_lut
 
 if TYPE_CHECKING:
     import datasets
 
 KINDS = ("parquet", "hf")
 DEFAULT_COLUMNS = {"image": "image", "label": "label", "id": "id"}
-# name -> (dataset options) -> (label lookup table of the original encoding, class names), as
-# the loader of the files builds them.
-LABEL_MAPS: dict[str, Callable[..., tuple[np.ndarray, Sequence[str]]]] = {
-    "coco_stuff27": lambda: (stuff27_lut(), COCO_STUFF27_CLASSES),
-    "coco_object": lambda: (object81_lut(), COCO_OBJECT_CLASSES),
-    "cityscapes": lambda: (cityscapes_lut(), CITYSCAPES27_CLASSES),
-    "ade20k": lambda: (ade20k_lut(), ADE20K_CLASSES),
-    "voc": lambda: (voc_lut(), VOC_CLASSES),
-    "pascal_context59": context_labels,
-}
 # Split names of the loaders -> the names hub copies usually use.
 SPLIT_ALIASES = {"val": ("validation", "val"), "curated": ("validation", "val")}
 
@@ -139,6 +119,8 @@ class TableSegmentation(SegmentationFiles):
     """A :class:`SegmentationFiles` whose pairs are rows of a ``datasets`` table.
 
     Items, errors and ``on_error`` behave as for the files; error messages name the source and row.
+    The labels are mapped with the registered label map of dataset ``name``
+    (``eval.datasets.registry``, ``labels(**label_options)``), as the loader of the files does.
     """
 
     def __init__(
@@ -150,7 +132,7 @@ class TableSegmentation(SegmentationFiles):
         label_options: Mapping[str, Any] | None = None,
         **kwargs,
     ):
-        lut, classes = LABEL_MAPS[name](**(label_options or {}))
+        lut, classes = registry.get(name).labels(**(label_options or {}))
         missing = [c for k, c in columns.items() if k != "id" and c not in table.column_names]
         if missing:
             raise ValueError(
@@ -194,16 +176,14 @@ def from_source(
 ) -> TableSegmentation:
     """Dataset ``name`` read from ``source`` (``parquet:...`` or ``hf:...``) with the column
     mapping ``columns`` (keys ``image``, ``label``, ``id``); ``options`` as for the files."""
-    if name not in LABEL_MAPS:
-        raise ValueError(
-            f"{name}: dataset.source is not supported (supported: {sorted(LABEL_MAPS)})"
-        )
+    spec = registry.get(name)
+    if spec.labels is None:
+        supported = [n for n in registry.names() if registry.get(n).labels is not None]
+        raise ValueError(f"{name}: dataset.source is not supported (supported: {supported})")
     unknown = sorted(set(columns or {}) - set(DEFAULT_COLUMNS))
     if unknown:
         raise ValueError(f"dataset.columns: unknown keys {unknown}; use {list(DEFAULT_COLUMNS)}")
-    from eval.datasets import DATASET_OPTIONS  # the package imports this module lazily
-
-    label_options = {k: options.pop(k) for k in DATASET_OPTIONS.get(name, ()) if k in options}
+    label_options = {k: options.pop(k) for k in spec.label_options if k in options}
     table = load_table(source, split, cache_dir)
     return TableSegmentation(
         name,

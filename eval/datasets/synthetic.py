@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
 from eval.datasets.base import check_on_error
+from eval.datasets.registry import register
+from eval.schema import DatasetSettings
 
 CLASS_NAMES = ("sky", "grass", "water", "sand", "rock", "snow", "forest", "road")
 # Base colours (RGB in [0, 1]) and stripe (period in pixels at 512, angle in degrees).
@@ -99,12 +102,33 @@ class SyntheticScenes(Dataset):
         }
 
 
+@dataclass
+class SyntheticSettings(DatasetSettings):
+    """The scenes' options (:class:`SyntheticScenes`). ``keep_size`` and ``jpeg_decoder``, which
+    ``protocol=diffcut`` sets on every dataset, are accepted and unused: the scenes are generated
+    square at ``resolution`` and never encoded."""
+
+    length: int = 8
+    seed: int = 0
+    n_class: int = 5
+    regions: int = 3
+    noise: float = 0.0
+    texture: float = 0.15
+    keep_size: bool = False
+    jpeg_decoder: str = "tf"
+
+
+@register("synthetic", SyntheticSettings, files=False)
 def synthetic(
     root: str | os.PathLike | None = None,
     split: str | None = "val",
     resolution: int = 512,
+    on_error: str = "raise",
+    keep_size: bool = False,
+    jpeg_decoder: str = "tf",
     **options,
 ) -> SyntheticScenes:
-    """The synthetic dataset; ``root`` and ``split`` are accepted for a uniform call and unused."""
-    check_on_error(options.pop("on_error", "raise"))  # nothing can fail; accepted for uniformity
+    """The synthetic dataset; ``root``, ``split``, ``keep_size`` and ``jpeg_decoder`` are accepted
+    for a uniform call and unused."""
+    check_on_error(on_error)  # nothing can fail; accepted for uniformity
     return SyntheticScenes(resolution=resolution, **options)

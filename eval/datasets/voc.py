@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from eval.datasets.base import Sample, SegmentationFiles, label_lut, missing_root_error
 from eval.datasets.classes import PASCAL_CONTEXT59_CLASSES, VOC_CLASSES
+from eval.datasets.registry import register
+from eval.schema import FileDatasetSettings
 
 VOC_SIZES = {"val": 1449, "train": 1464}
 CONTEXT_SIZES = {"val": 5105, "train": 4996}
@@ -39,6 +42,17 @@ CONTEXT_LAYOUT = """  ROOT/VOCdevkit/VOC2010/JPEGImages/<id>.jpg
 
 def voc_lut() -> np.ndarray:
     return label_lut({c: c for c in range(len(VOC_CLASSES))}, ignore=[255])
+
+
+def voc_labels() -> tuple[np.ndarray, Sequence[str]]:
+    return voc_lut(), VOC_CLASSES
+
+
+@dataclass
+class PascalContextSettings(FileDatasetSettings):
+    """``background``: 60 classes, 0 = background (DiffCut's variant); false: 0 ignored."""
+
+    background: bool = False
 
 
 def context_lut(background: bool = False) -> np.ndarray:
@@ -97,6 +111,7 @@ def _devkit(root: Path, year: str) -> Path:
     return root / "VOCdevkit" / year
 
 
+@register("voc", labels=voc_labels, split_sizes=VOC_SIZES)
 def voc(
     root: str | os.PathLike, split: str = "val", on_error: str = "raise", **kwargs
 ) -> SegmentationFiles:
@@ -109,8 +124,7 @@ def voc(
         "SegmentationClass",
         "ImageSets/Segmentation/{split}.txt",
         VOC_LAYOUT,
-        voc_lut(),
-        VOC_CLASSES,
+        *voc_labels(),
         VOC_SIZES,
         split,
         on_error,
@@ -118,6 +132,13 @@ def voc(
     )
 
 
+@register(
+    "pascal_context59",
+    PascalContextSettings,
+    labels=context_labels,
+    label_options=("background",),
+    split_sizes=CONTEXT_SIZES,
+)
 def pascal_context59(
     root: str | os.PathLike,
     split: str = "val",

@@ -5,18 +5,27 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a logger knows of its run: the folder, the id (W&B's too) and the resolved config."""
+
+    run_dir: Path
+    run_id: str
+    config: Mapping[str, Any]
 
 
 class CSVLogger:
     """Running metrics to ``metrics.csv`` in the run directory (the tables themselves are written by
     ``eval.run``). The base of the other loggers: ``logger=csv`` on the command line."""
 
-    def __init__(self, run_dir: str | Path, run_config: Mapping[str, Any], run_id: str) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run: RunInfo) -> None:
+        self.run_dir = Path(run.run_dir)
         self._metrics = self.run_dir / "metrics.csv"
-        self._columns: list[str] | None = None
 
     def log_running(self, step: int, metrics: Mapping[str, float]) -> None:
         """Metrics over the first ``step`` images, appended as one CSV line."""
@@ -72,17 +81,14 @@ class WandbLogger(CSVLogger):
 
     def __init__(
         self,
-        run_dir: str | Path,
-        run_config: Mapping[str, Any],
-        run_id: str,
+        run: RunInfo,
         project: str = "diffseg-bench",
         entity: str | None = None,
         group: str | None = None,
         tags: Sequence[str] = (),
         mode: str | None = None,
-        name: str | None = None,
     ) -> None:
-        super().__init__(run_dir, run_config, run_id)
+        super().__init__(run)
         import wandb
 
         root = self.run_dir / "wandb"
@@ -98,10 +104,10 @@ class WandbLogger(CSVLogger):
             tags=list(tags),
             mode=wandb_mode(mode),
             dir=str(self.run_dir),
-            id=run_id,
-            name=name or self.run_dir.name,
+            id=run.run_id,
+            name=self.run_dir.name,
             resume="allow",
-            config=dict(run_config),
+            config=dict(run.config),
         )
 
     def log_running(self, step: int, metrics: Mapping[str, float]) -> None:

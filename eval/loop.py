@@ -1,0 +1,278 @@
+"""The loop over a dataset's images: load (DataLoader workers), segment, score, record.
+
+Each finished image's record (its TP/FP/FN counts, the prediction's file) is appended to the rank's
+``per_image.jsonl`` as the batch finishes, so a killed run loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from diffseg.preprocess import resize_label
+from eval import contingency, distributed, visualize
+from eval.atomic import JsonlAppender
+from eval.datasets.base import DataFileError
+from eval.matching import match_per_image
+from eval.metrics import HungarianIoU, scores_from_counts
+from eval.protocol import Scoring
+from eval.runtime import RunError
+from eval.segmenters import segment_batch
+
+
+class IndexedItems(Dataset):
+    """``(index, item)`` pairs of ``dataset`` at ``indices``; the item may be None (skipped file)
+    or the :class:`DataFileError` of a bad file, returned for the loop to raise: raised in a
+    DataLoader worker, torch would re-raise it wrapped in the worker's traceback text instead of
+    its one-line message naming the file."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, dict | DataFileError | None]:
+        index = self.indices[k]
+        try:
+            return index, self.dataset[index]
+        except DataFileError as e:
+            return index, e
+
+
+def collate(batch: Sequence[tuple[int, dict | DataFileError | None]]) -> dict[str, Any]:
+    """Keeps items as a list (sizes may differ with ``keep_size``) and notes the skipped indices
+    and the first :class:`DataFileError` (``error``, else None).
+
+    ``images``: when the images share a size they are moved out of the items into one stack
+    ``(B, 3, H, W)`` (else None). Stacking here, in the loader's workers, lets ``pin_memory`` pin
+    the batch the model gets, so its copy to the GPU can overlap with compute; moving (not
+    copying) them keeps each image from crossing to the main process and being pinned twice.
+    ``restore_images`` puts views of the stack back into the items.
+    """
+    items = [item for _, item in batch if isinstance(item, dict)]
+    errors = [item for _, item in batch if isinstance(item, DataFileError)]
+    same_size = len({tuple(it["image"].shape) for it in items}) == 1
+    return {
+        "index": [i for i, item in batch if isinstance(item, dict)],
+        "items": items,
+        "images": torch.stack([it.pop("image") for it in items]) if same_size else None,
+        "skipped": [i for i, item in batch if item is None],
+        "error": errors[0] if errors else None,
+    }
+
+
+def restore_images(batch: dict[str, Any]) -> None:
+    """Give each item of a ``collate`` batch its image again, as a view of the stack."""
+    if batch["images"] is not None:
+        for item, image in zip(batch["items"], batch["images"], strict=True):
+            item["image"] = image
+
+
+def compute_scores(metric: HungarianIoU) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        # A rank with no images of its own (torchrun, more ranks than images) never updates.
+        warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+        return metric.compute()
+
+
+def running_scores(metric: HungarianIoU) -> dict[str, float]:
+    """This process's scores so far, read from the metric's states: ``compute()`` would cache
+    them, and a cached value outlives the states' reduction across ranks after the loop."""
+    scores = scores_from_counts(metric.tp, metric.fp, metric.fn, metric.total)
+    return {"pixel_accuracy": float(scores["pixel_accuracy"]), "miou": float(scores["miou"])}
+
+
+def item_id(dataset: Dataset, index: int) -> str:
+    """The id of a skipped item, which never reached the main process (``#index`` if unknown)."""
+    item_id = getattr(dataset, "item_id", None)
+    return item_id(index) if item_id is not None else f"#{index}"
+
+
+def safe_name(index: int, image_id: str) -> str:
+    return f"{index:06d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', image_id)[:80]}"
+
+
+def to_label_size(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Only with ``dataset.keep_size``: labels keep the image's size, the model predicts a square."""
+    return resize_label(pred, tuple(label.shape))
+
+
+def score_item(
+    index: int,
+    item: Mapping[str, Any],
+    pred: torch.Tensor,
+    match: Callable[[torch.Tensor, torch.Tensor], tuple],
+    run_dir: Path,
+    save_predictions: bool,
+) -> dict[str, Any]:
+    """One image's record for ``per_image.jsonl``; saves its prediction as a label PNG.
+    ``match``: the protocol's matching (``Scoring.match``), counts in the dataset's class order."""
+    tp, fp, fn, total = match(pred, item["label"])
+    scores = scores_from_counts(
+        torch.from_numpy(tp), torch.from_numpy(fp), torch.from_numpy(fn), total
+    )
+    name = safe_name(index, item["id"])
+    record = {
+        "index": index,
+        "id": item["id"],
+        "segments": int(torch.unique(pred).numel()),
+        "accuracy": float(scores["pixel_accuracy"]),
+        "miou": float(scores["miou"]),
+        "tp": tp.tolist(),
+        "fp": fp.tolist(),
+        "fn": fn.tolist(),
+        "total": int(total),
+    }
+    if save_predictions:
+        visualize.save_label_png(pred, run_dir / "predictions" / f"{name}.png")
+        record["prediction"] = f"predictions/{name}.png"
+    return record
+
+
+def save_qualitative(
+    index: int,
+    item: Mapping[str, Any],
+    pred: torch.Tensor,
+    class_names: Sequence[str],
+    run_dir: Path,
+) -> None:
+    path = run_dir / "qualitative" / f"{safe_name(index, item['id'])}.png"
+    visualize.save_comparison(item["image"], item["label"], pred, path, class_names, item["id"])
+
+
+def predict(
+    pipeline: Any,
+    items: Sequence[Mapping[str, Any]],
+    device: torch.device,
+    call: dict,
+    batch_size: int,
+    images: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """``(H, W)`` labels for each item: one batched call on ``images`` (the items' images stacked,
+    as ``collate`` makes them), or one call per image when there is no stack (sizes differ).
+    Images stay on the CPU: the pipeline's preprocessing moves them to ``device`` (non-blocking
+    from pinned memory), after the attention cache has hashed them where they are."""
+    try:
+        if images is not None:
+            return list(segment_batch(pipeline, images, items, call).cpu())
+        return [segment_batch(pipeline, it["image"][None], [it], call)[0].cpu() for it in items]
+    except torch.OutOfMemoryError as e:
+        lower = (
+            f"lower it, e.g. batch_size={max(1, batch_size // 2)}"
+            if batch_size > 1
+            else "it is already 1: lower dataset.resolution or use a half-precision model.dtype"
+        )
+        raise RunError(
+            f"out of GPU memory on {device} with batch_size={batch_size}; {lower}. Finished images "
+            "are kept: rerun with the same hydra.run.dir to resume."
+        ) from e
+
+
+@dataclass
+class Loop:
+    """The loop's context: the run's config, its data, model, segmenter call, metric and logger;
+    ``score`` is the protocol's scoring step (eval/protocol.py: size, background, PAMR)."""
+
+    cfg: DictConfig
+    dataset: Dataset
+    pipeline: Any
+    device: torch.device
+    call: dict
+    metric: HungarianIoU
+    logger: Any
+    rank: distributed.Rank = distributed.SINGLE
+    score: Scoring | None = None
+
+    def run(self, todo: Sequence[int], records: dict[int, dict[str, Any]]) -> None:
+        """Evaluate the images ``todo``, adding their records to ``records`` and the metric."""
+        cfg, rank = self.cfg, self.rank
+        loader = DataLoader(
+            IndexedItems(self.dataset, todo),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        appender = JsonlAppender(distributed.records_file(Path(cfg.paths.output_dir), rank.rank))
+        # Under torchrun only rank 0 shows a bar, for its own share (and the running metrics).
+        desc = str(cfg.dataset.name) + (
+            f" (rank 0 of {rank.world_size})" if rank.distributed else ""
+        )
+        bar = tqdm(
+            total=len(records) + len(todo),
+            initial=len(records),
+            desc=desc,
+            unit="img",
+            disable=not rank.is_main,
+        )
+        try:
+            start = time.perf_counter()
+            for batch in loader:
+                new = self.batch(batch, start)
+                appender.append(new)
+                records.update({r["index"]: r for r in new})
+                running = running_scores(self.metric)
+                bar.set_postfix(
+                    acc=f"{running['pixel_accuracy']:.3f}", miou=f"{running['miou']:.3f}"
+                )
+                bar.update(len(new))
+                self.logger.log_running(len(records), running)
+                start = time.perf_counter()
+        finally:
+            bar.close()
+            appender.close()
+
+    def batch(self, batch: dict[str, Any], start: float) -> list[dict[str, Any]]:
+        """The records of one ``collate`` batch (skipped items included); the metric adds the
+        scored ones. ``start``: when the batch began loading (for the per-image time)."""
+        if batch["error"] is not None:
+            raise batch["error"]
+        restore_images(batch)
+        cfg, dataset, run_dir = self.cfg, self.dataset, Path(self.cfg.paths.output_dir)
+        new = [{"index": i, "skipped": True, "id": item_id(dataset, i)} for i in batch["skipped"]]
+        if not batch["items"]:
+            return new
+        items = batch["items"]
+        preds = predict(
+            self.pipeline, items, self.device, self.call, cfg.batch_size, batch["images"]
+        )
+        preds = [to_label_size(p, it["label"]) for p, it in zip(preds, items, strict=True)]
+        if self.score is not None:
+            items, preds = self.score.batch(items, preds)
+        match = (
+            self.score.match
+            if self.score is not None
+            else partial(match_per_image, n_class=dataset.n_class)
+        )
+        scored = [
+            score_item(i, item, pred, match, run_dir, cfg.save_predictions)
+            for i, item, pred in zip(batch["index"], items, preds, strict=True)
+        ]
+        # Stored before the records name it: what eval.rescore and the granularity read.
+        tables = {
+            i: contingency.image_table(pred, item["label"], dataset.n_class)
+            for i, item, pred in zip(batch["index"], items, preds, strict=True)
+        }
+        part = contingency.write_part(run_dir, self.rank.rank, tables)
+        for rec in scored:
+            rec["contingency"] = part
+        # Wall time per image with data loading and scoring, without the pictures.
+        seconds = (time.perf_counter() - start) / len(scored)
+        for index, item, pred, rec in zip(batch["index"], items, preds, scored, strict=True):
+            rec["seconds"] = seconds
+            if index < cfg.n_qualitative:
+                save_qualitative(index, item, pred, dataset.class_names, run_dir)
+            self.metric.update(counts=rec)  # the counts the matching just made
+        return new + scored

@@ -1,0 +1,416 @@
+"""Score a finished run again under another rule, from its stored contingency tables: no model,
+no images (``eval.contingency``).
+
+    python -m eval.rescore RUN_DIR [scoring=all|hungarian|majority|background_merge] [--ledger PATH]
+
+Rules, each applied per image and the counts summed over the dataset as the live run does
+(``eval.metrics``):
+
+* ``hungarian``: the official per-image Hungarian matching (``eval.matching``), one segment per
+  class; under ``protocol.compat`` with a background class in DiffCut's class order, as the run.
+* ``majority``: many-to-one; each segment goes to the class it overlaps most (ties: the first
+  class), so several segments can share a class. Per image: DiffSeg's segments carry no identity
+  across images, so there is no dataset-level cluster to vote for (STEGO/PiCIE's many-to-one).
+* ``background_merge``: DiffCut's protocol; clusters left unmatched to a foreground class merge
+  into one background cluster (``eval.protocol.merge_unmatched_into_background`` on the table),
+  then ``hungarian``. Needs a background class.
+
+A run whose protocol merged before scoring (``protocol=diffcut`` on VOC, COCO-Object, Pascal
+Context) stored the merged segments: its own rule is ``background_merge`` and ``hungarian``
+(without the merge) cannot be recomputed. The run's own rule reproduces its numbers exactly.
+
+Each rule writes ``RUN_DIR/rescore/<rule>/results.csv`` and ``per_class.csv`` and appends a ledger
+row (``run_id`` ``<run>-rescore-<rule>``, ``rescored_from`` the run, ``scoring`` the rule; a rule
+other than the published cell's is a deviation, so such a row never fills a cell). Also
+``miou_things``/``miou_stuff`` where the dataset defines the split (``classes.THING_CLASSES``)
+and Boundary IoU where the segments are the stored ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eval import contingency, paper
+from eval import ledger as ledger_io
+from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
+from eval.columns import RESULT_COLUMNS
+from eval.datasets.classes import THING_CLASSES
+from eval.matching import assign_histogram, match_histogram
+from eval.metrics import scores_from_counts
+from eval.protocol import Protocol, background_last
+
+RULES = ("hungarian", "majority", "background_merge")
+RESCORE_DIR = "rescore"
+PER_CLASS_COLUMNS = ("class", "kind", "iou", "tp", "fp", "fn", "boundary_iou")
+# Columns that depend on the rule; the rest of a rescoring's row is the run's.
+RULE_COLUMNS = ("pixel_accuracy", "miou", "miou_things", "miou_stuff", "boundary_iou")
+
+
+class RescoreError(ValueError):
+    """A run folder that cannot be rescored, or a rule that does not apply, said in one line."""
+
+
+def majority_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Many-to-one counts of one image's histogram ``(n_class, n_col)``: each segment (column) goes
+    to its most overlapped class (the first on ties); ``(tp, fp, fn)`` ``(n_class,)`` and the
+    labelled pixel count, as ``eval.matching.match_histogram``."""
+    n_class = hist.shape[0]
+    owner = hist.argmax(axis=0)  # a segment on ignored pixels only adds zeros
+    columns = np.arange(hist.shape[1])
+    tp = np.zeros(n_class, dtype=np.int64)
+    claimed = np.zeros(n_class, dtype=np.int64)
+    np.add.at(tp, owner, hist[owner, columns])
+    np.add.at(claimed, owner, hist.sum(axis=0))
+    return tp, claimed - tp, hist.sum(axis=1) - tp, int(hist.sum())
+
+
+def boundary_counts(table: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boundary IoU's intersection and union ``(n_class,)`` of one image, class ``c`` against
+    segment ``cols[c]`` (a one-to-one matching), over the labelled pixels of the table's bands."""
+    n_class, n_seg = table.shape[1] - 1, table.shape[2]
+    gt = table[1, :n_class].sum(axis=1)
+    pred = np.pad(table[2, :n_class].sum(axis=0), (0, max(0, int(cols.max()) + 1 - n_seg)))
+    both = np.pad(table[3, :n_class], ((0, 0), (0, max(0, int(cols.max()) + 1 - n_seg))))
+    inter = both[np.arange(n_class), cols]
+    return inter, gt + pred[cols] - inter
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How a run's stored tables score under each rule: its classes, the protocol's class order
+    and background (the run's ``Scoring``), and the dataset's background class."""
+
+    dataset: str
+    class_names: tuple[str, ...]
+    compat: bool
+    merged_into: int | None  # the class the run merged unmatched clusters into (stored merged)
+    background: int | None  # the class ``background_merge`` merges into
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], class_names: Sequence[str]) -> Rules:
+        """From a results row (parsed: ``protocol_settings`` a dict) and the run's class names."""
+        settings = row["protocol_settings"]
+        protocol = Protocol.from_config({"name": row["protocol"], **settings})
+        dataset, names = str(row["dataset"]), tuple(class_names)
+        merged = protocol.background_index(dataset, names)
+        name = protocol.background.get(dataset, "background")
+        background = merged if merged is not None else names.index(name) if name in names else None
+        return cls(dataset, names, protocol.compat, merged, background)
+
+    @property
+    def n_class(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def own(self) -> str:
+        """The rule the run itself scored with."""
+        return "background_merge" if self.merged_into is not None else "hungarian"
+
+    def unavailable(self, rule: str) -> str | None:
+        """Why ``rule`` cannot be computed from this run's tables (None: it can)."""
+        if rule not in RULES:
+            return f"unknown rule {rule!r}; rules: {', '.join(RULES)}"
+        if rule == "hungarian" and self.merged_into is not None:
+            return "the run merged unmatched clusters into background before scoring"
+        if rule == "background_merge" and self.background is None:
+            return f"{self.dataset} has no background class"
+        return None
+
+    def order(self, background: int | None) -> np.ndarray | None:
+        """The class order of the final matching: DiffCut's (background last) under compat with a
+        background, as ``eval.protocol.Scoring.match``."""
+        if self.compat and background is not None:
+            return background_last(self.n_class, background)
+        return None
+
+    def image(self, table: np.ndarray, rule: str) -> dict[str, Any]:
+        """One image's counts under ``rule``: ``tp``, ``fp``, ``fn``, ``total``, and Boundary IoU's
+        ``b_inter``/``b_union`` (None where the scored segments are not the stored ones)."""
+        if rule == "majority":
+            tp, fp, fn, total = majority_counts(contingency.histogram(table))
+            return {"tp": tp, "fp": fp, "fn": fn, "total": total, "b_inter": None}
+        stored = rule == self.own
+        if not stored:  # background_merge of a run that did not merge
+            table = contingency.merge_background(table, self.background)
+        hist = contingency.histogram(table)
+        order = self.order(self.background if rule == "background_merge" else None)
+        tp, fp, fn, total = match_histogram(hist, order)
+        out = {"tp": tp, "fp": fp, "fn": fn, "total": total, "b_inter": None}
+        if stored:
+            out["b_inter"], out["b_union"] = boundary_counts(table, assign_histogram(hist, order))
+        return out
+
+    def kinds(self) -> list[str]:
+        """``thing``/``stuff`` per class, or empty strings where the dataset has no split."""
+        things = THING_CLASSES.get(self.dataset)
+        if things is None:
+            return [""] * self.n_class
+        return ["thing" if name in things else "stuff" for name in self.class_names]
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def score(tables: Mapping[int, np.ndarray], rules: Rules, rule: str) -> dict[str, Any]:
+    """The dataset's numbers under ``rule``: per-image counts summed, then divided once.
+
+    Returns ``pixel_accuracy``, ``miou``, ``per_class_iou`` ``(n_class,)``, ``tp``/``fp``/``fn``,
+    ``total``, ``miou_things``/``miou_stuff`` (nan without a split), ``boundary_iou`` and
+    ``per_class_boundary_iou`` (nan where not computable), as float64 numpy values.
+    """
+    reason = rules.unavailable(rule)
+    if reason:
+        raise RescoreError(f"scoring={rule} is not available: {reason}")
+    n = rules.n_class
+    sums = {k: np.zeros(n, dtype=np.int64) for k in ("tp", "fp", "fn", "b_inter", "b_union")}
+    total, boundary = 0, True
+    for index in sorted(tables):
+        counts = rules.image(tables[index], rule)
+        for k in ("tp", "fp", "fn"):
+            sums[k] += counts[k]
+        total += counts["total"]
+        if counts["b_inter"] is None:
+            boundary = False
+        else:
+            sums["b_inter"] += counts["b_inter"]
+            sums["b_union"] += counts["b_union"]
+    # The live run's arithmetic (torch, float64), so the run's own rule gives its numbers bit for bit.
+    scores = scores_from_counts(sums["tp"], sums["fp"], sums["fn"], total)
+    iou = scores["per_class_iou"]
+    kinds = np.array(rules.kinds())
+    biou = _ratio(sums["b_inter"].astype(np.float64), sums["b_union"])
+    if not boundary:
+        biou = np.full(n, np.nan)
+
+    def mean(values: torch.Tensor | np.ndarray) -> float:
+        return float(torch.nanmean(torch.as_tensor(values, dtype=torch.float64)))
+
+    return {
+        "pixel_accuracy": float(scores["pixel_accuracy"]),
+        "miou": float(scores["miou"]),
+        "per_class_iou": iou.numpy(),
+        "miou_things": mean(iou[torch.from_numpy(kinds == "thing")]),
+        "miou_stuff": mean(iou[torch.from_numpy(kinds == "stuff")]),
+        "boundary_iou": mean(biou),
+        "per_class_boundary_iou": biou,
+        "tp": sums["tp"],
+        "fp": sums["fp"],
+        "fn": sums["fn"],
+        "total": total,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder
+
+
+@dataclass
+class Run:
+    """A finished run's folder as the rescoring reads it."""
+
+    run_dir: Path
+    row: dict[str, str]  # results.csv, as text
+    rules: Rules
+    records: list[dict[str, Any]]  # the scored images' per_image.jsonl records
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> Run:
+        run_dir = Path(run_dir)
+        results, per_class = run_dir / "results.csv", run_dir / "per_class.csv"
+        for path in (results, per_class, run_dir / "per_image.jsonl"):
+            if not path.is_file():
+                raise RescoreError(f"{path} not found: {run_dir} is not a finished run's folder")
+        rows = read_csv_rows(results)
+        if len(rows) != 1:
+            raise RescoreError(f"{results} holds {len(rows)} rows; a run's results hold one")
+        row = rows[0]
+        parsed = ledger_io.parse_row(row)
+        if not isinstance(parsed.get("protocol_settings"), dict):
+            raise RescoreError(
+                f"{results}: no protocol_settings (ledger_version {ledger_io.version(row)}); "
+                "the run is older than the rescoring, run it again"
+            )
+        names = [r["class"] for r in read_csv_rows(per_class)]
+        limit = parsed.get("limit") or None  # an empty cell: the whole split
+        records = [
+            r
+            for r in read_jsonl(run_dir / "per_image.jsonl")
+            if not r.get("skipped") and (limit is None or r["index"] < limit)
+        ]
+        if len(records) != int(row["n_images"]):
+            raise RescoreError(
+                f"{run_dir / 'per_image.jsonl'} holds {len(records)} scored images, "
+                f"{results} says {row['n_images']}; is the run finished?"
+            )
+        return cls(run_dir, row, Rules.from_row(parsed, names), records)
+
+    def tables(self) -> dict[int, np.ndarray]:
+        try:
+            return contingency.read_tables(self.run_dir, self.records, self.rules.n_class)
+        except contingency.ContingencyError as e:
+            raise RescoreError(str(e)) from e
+
+    def ledger_default(self) -> Path | None:
+        """The ledger the run appended to (its resolved config), if known."""
+        config = self.run_dir / "config.yaml"
+        if not config.is_file():
+            return None
+        import yaml
+
+        cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        path = (cfg.get("paths") or {}).get("ledger")
+        return Path(path) if path else None
+
+
+def blank_nan(value: Any) -> Any:
+    """nan (not applicable, not computable) as an empty CSV cell."""
+    return "" if isinstance(value, float) and math.isnan(value) else value
+
+
+def rescored_row(run: Run, rule: str, scores: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The ledger row of a rescoring: the run's row, the rule's numbers, a new id, the rule."""
+    row: dict[str, Any] = {k: run.row.get(k, "") for k in RESULT_COLUMNS}
+    row.update({k: blank_nan(scores[k]) for k in RULE_COLUMNS})
+    row.update(
+        run_id=f"{run.row['run_id']}-rescore-{rule}",
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        scoring=rule,
+        rescored_from=run.row["run_id"],
+        run_dir=str(out_dir.resolve()),
+    )
+    row["deviations"] = "; ".join(paper.deviations(ledger_io.parse_row(row)))
+    return row
+
+
+def write(run: Run, rule: str, scores: Mapping[str, Any]) -> dict[str, Any]:
+    """``rescore/<rule>/results.csv`` and ``per_class.csv``; returns the row."""
+    out_dir = run.run_dir / RESCORE_DIR / rule
+    row = rescored_row(run, rule, scores, out_dir)
+    per_class = [
+        {
+            "class": name,
+            "kind": kind,
+            "iou": blank_nan(float(iou)),
+            "tp": int(tp),
+            "fp": int(fp),
+            "fn": int(fn),
+            "boundary_iou": blank_nan(float(biou)),
+        }
+        for name, kind, iou, tp, fp, fn, biou in zip(
+            run.rules.class_names,
+            run.rules.kinds(),
+            scores["per_class_iou"],
+            scores["tp"],
+            scores["fp"],
+            scores["fn"],
+            scores["per_class_boundary_iou"],
+            strict=True,
+        )
+    ]
+    write_csv_atomic(out_dir / "per_class.csv", per_class, PER_CLASS_COLUMNS)
+    write_csv_atomic(out_dir / "results.csv", [row], RESULT_COLUMNS)
+    return row
+
+
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+def same_as_run(run: Run, scores: Mapping[str, Any]) -> bool:
+    """Whether the numbers equal the run's own (results.csv keeps floats exactly: repr)."""
+    return all(float(run.row[k]) == scores[k] for k in ("pixel_accuracy", "miou"))
+
+
+def comparison(run: Run, results: Mapping[str, Mapping[str, Any] | str]) -> str:
+    """A Markdown table: one line per rule (scores in %, or why the rule is not available)."""
+    head = ["rule", "pixel acc %", "mIoU %", "mIoU things %", "mIoU stuff %", "Boundary IoU %"]
+    lines = ["| " + " | ".join(head) + " | note |", "|" + "---|" * (len(head) + 1)]
+    for rule, res in results.items():
+        name = rule + (" (the run's rule)" if rule == run.rules.own else "")
+        if isinstance(res, str):
+            lines.append(f"| {name} |" + " n/a |" * (len(head) - 1) + f" {res} |")
+            continue
+        keys = ("pixel_accuracy", "miou", "miou_things", "miou_stuff", "boundary_iou")
+        note = ""
+        if rule == run.rules.own:
+            note = "= the run's numbers" if same_as_run(run, res) else "DIFFERS from the run's"
+        lines.append(f"| {name} | " + " | ".join(_pct(res[k]) for k in keys) + f" | {note} |")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.rescore", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("run_dir", help="a finished run's folder")
+    parser.add_argument(
+        "scoring",
+        nargs="?",
+        default="scoring=all",
+        help=f"scoring=RULE, RULE one of all, {', '.join(RULES)} (default all)",
+    )
+    parser.add_argument("--ledger", help="ledger CSV (default: the one the run appended to)")
+    parser.add_argument("--no-ledger", action="store_true", help="append no ledger rows")
+    args = parser.parse_args(argv)
+    rule = args.scoring.removeprefix("scoring=")
+    if rule != "all" and rule not in RULES:
+        parser.error(f"scoring={rule}: rules are all, {', '.join(RULES)}")
+    args.rules = list(RULES) if rule == "all" else [rule]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    try:
+        run = Run.open(args.run_dir)
+        ledger = Path(args.ledger) if args.ledger else run.ledger_default()
+        if ledger is None and not args.no_ledger:
+            raise RescoreError(f"{run.run_dir} has no config.yaml naming its ledger; pass --ledger")
+        tables = run.tables()
+        results: dict[str, Mapping[str, Any] | str] = {}
+        rows = []
+        for rule in args.rules:
+            reason = run.rules.unavailable(rule)
+            if reason:
+                if len(args.rules) == 1:
+                    raise RescoreError(f"scoring={rule} is not available: {reason}")
+                results[rule] = reason
+                continue
+            results[rule] = score(tables, run.rules, rule)
+            rows.append(write(run, rule, results[rule]))
+        if not args.no_ledger:
+            for row in rows:
+                added = ledger_io.append(ledger, row)  # JSON columns as results.csv has them
+                state = "row added" if added else "row already there, not added again"
+                print(f"Ledger: {ledger} ({row['run_id']}: {state})")
+    except (RescoreError, ledger_io.LedgerError, OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"Error: {e}") from None
+    print(f"\n{run.row['dataset']} ({run.row['n_images']} images), run {run.row['run_id']}:")
+    print(comparison(run, results))
+    print(f"\nWritten under {run.run_dir / RESCORE_DIR}/<rule>/ (results.csv, per_class.csv)")
+    if (
+        "hungarian" in results
+        and "majority" in results
+        and not isinstance(results["majority"], str)
+    ):
+        one, many = results["hungarian"], results["majority"]
+        if not isinstance(one, str):
+            gap = 100 * (many["miou"] - one["miou"])
+            print(f"Many-to-one minus one-to-one mIoU: {gap:+.2f} points")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The segmenter registry: each segmenter module registers a segment function with the schema of
+its settings (:func:`register`); ``conf/segmenter/NAME.yaml`` holds the settings of segmenter
+``name``. The modules of this package are imported (and so register) on the first lookup.
+
+:func:`settings` checks a ``cfg.segmenter`` against its schema and normalises it (what the ledger
+records); :func:`segmenter_call` adds what the run decides (input side, seed) and the checks that
+need the input side, all before the model loads; :func:`segment_batch` runs the segmenter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+
+from eval.schema import given, validate
+
+# (pipeline, images (B, 3, H, W), the batch's dataset items, call settings) -> labels (B, R, R).
+Segment = Callable[
+    [Any, torch.Tensor, Sequence[Mapping[str, Any]], Mapping[str, Any]], torch.Tensor
+]
+
+
+@dataclass
+class SegmenterSettings:
+    """Base of the segmenter schemas: the keys of ``conf/segmenter/NAME.yaml``, typed and
+    checked; ``__post_init__`` normalises what the call must get in one form."""
+
+    name: str = MISSING
+
+    def check(self, resolution: int) -> None:
+        """The checks that need the model input side ``resolution`` (none here)."""
+
+
+@dataclass
+class AttentionSettings(SegmenterSettings):
+    """Segmenters over ``DiffSegPipeline``'s aggregated self-attention: the UNet pass's settings
+    (``DiffSegPipeline.aggregate``). ``seed``: the run's unless set."""
+
+    timestep: int = 300
+    weights: list[float] | None = None
+    prompt: str = ""
+    noise: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """One segmenter: its ``name`` (``segmenter.name``), settings ``schema`` and ``segment``."""
+
+    name: str
+    schema: type
+    segment: Segment
+
+
+_SPECS: dict[str, SegmenterSpec] = {}
+
+
+def register(*names: str, schema: type) -> Callable[[Segment], Segment]:
+    """Decorator registering the segment function it wraps under ``names`` with ``schema``."""
+
+    def add(segment: Segment) -> Segment:
+        for name in names:
+            old = _SPECS.get(name)
+            if old is not None and old.segment.__qualname__ != segment.__qualname__:
+                raise ValueError(f"segmenter {name!r} is registered twice")
+            _SPECS[name] = SegmenterSpec(name, schema, segment)
+        return segment
+
+    return add
+
+
+def _discover() -> None:
+    """Import every module of this package: each registers its segmenters."""
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{module.name}")
+
+
+def get(name: Any) -> SegmenterSpec:
+    """The spec of segmenter ``name``; ``ValueError`` naming the registered ones if unknown."""
+    if name not in _SPECS:
+        _discover()
+    if name not in _SPECS:
+        raise ValueError(f"segmenter.name={name!r} is unknown; choose one of {names()}")
+    return _SPECS[name]
+
+
+def names() -> list[str]:
+    """Every registered segmenter, sorted."""
+    _discover()
+    return sorted(_SPECS)
+
+
+def _checked(segmenter: Mapping[str, Any]) -> Any:
+    name = segmenter.get("name")
+    spec = get(name)
+    return validate(spec.schema, segmenter, "segmenter", f"segmenter={name} does not take")
+
+
+def settings(segmenter: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg.segmenter`` (a plain dict) checked and normalised, with the same keys (e.g. DiffSeg's
+    scalar ``kl_threshold`` as one value per merge iteration): what the call gets and the ledger
+    records."""
+    return given(_checked(segmenter), segmenter)
+
+
+def segmenter_call(segmenter: Mapping[str, Any], resolution: int, seed: int) -> dict[str, Any]:
+    """The checked call settings for :func:`segment_batch` from ``cfg.segmenter`` (a plain dict):
+    :func:`settings`, checked against the input side ``resolution`` (DiffSeg: the merge settings,
+    :func:`diffseg.merge.check_merge_settings`), so a bad value fails before the model loads.
+
+    ``seed`` (the run's) is used unless the segmenter config sets its own.
+    """
+    checked = _checked(segmenter)
+    checked.check(resolution)
+    return {"seed": seed, **given(checked, segmenter), "resolution": resolution}
+
+
+def segment_batch(
+    pipeline: Any,
+    images: torch.Tensor,
+    items: Sequence[Mapping[str, Any]],
+    call: Mapping[str, Any],
+) -> torch.Tensor:
+    """Labels ``(B, resolution, resolution)`` for ``images (B, 3, H, W)`` with the call settings.
+
+    ``items``: the dataset items of the batch (their ``id``; their ``label`` for segmenters that
+    take ground-truth counts). A ``call`` without ``name`` is DiffSeg's.
+    """
+    return get(call.get("name", "diffseg")).segment(pipeline, images, items, call)

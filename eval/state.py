@@ -1,0 +1,132 @@
+"""A run's state on disk, for resuming: ``run.json`` (id, the settings that decide the numbers,
+status) and ``config.yaml``; the per-image records of the images already finished.
+
+Resumable: each finished image is appended to ``per_image.jsonl`` (flushed and fsynced) with its
+integer TP/FP/FN counts; the metric adds those counts (``update(counts=)``), the stored ones of a
+resumed run's finished images as the new ones. It only sums integers, so the numbers are exactly
+those of a run that never stopped. Resuming with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from eval import distributed
+from eval import ledger as ledger_io
+from eval.atomic import read_json_or_none, write_json_atomic, write_text_atomic
+from eval.jobs import set_status
+from eval.runtime import RunError
+from eval.schema import NOT_SETTINGS
+from eval.segmenters import settings as segmenter_settings
+
+# Settings that change the numbers: a resumed run must have the same ones, and the same dataset
+# settings except where the files are and where eval.prepare gets them. (Batch size and workers
+# do not change the labels.)
+PINNED_KEYS = ("protocol", "seed", "limit", "model")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_writable(run_dir: Path, ledger: Path) -> None:
+    """Before any data or model is touched: the run folder and the ledger can be written (a run
+    that finds out at its end has lost its compute)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(
+            f"cannot write the run folder {run_dir} ({e.strerror or e}); make it writable or "
+            "choose another with hydra.run.dir=PATH"
+        ) from e
+    ledger_io.check_writable(ledger)
+
+
+def pinned(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it resumes."""
+    out = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in PINNED_KEYS
+    }
+    # The segmenter's normalised settings (a scalar KL threshold is [k, k, k]), as recorded.
+    out["segmenter"] = segmenter_settings(OmegaConf.to_container(cfg.segmenter, resolve=True))
+    out["dataset"] = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+        if k not in NOT_SETTINGS
+    }
+    out["device_type"] = device.type
+    if cfg.get("cache") and cfg.cache.attention:
+        # Segmenting stored (rounded) attention can change labels; absent when off, as before.
+        out["attention_cache"] = cfg.cache.dtype
+    return out
+
+
+def open_run_state(
+    run_dir: Path, pinned: dict[str, Any], config: DictConfig | None = None
+) -> dict[str, Any]:
+    """Create ``run.json`` (run id + pinned settings) and ``config.yaml`` (the composed config,
+    resolved) for a new run, or check the settings of the existing run on resume.
+
+    Hydra rewrites ``.hydra/`` on every launch, refused ones included; these two files keep what
+    the run was started with.
+    """
+    path = run_dir / "run.json"
+    state = read_json_or_none(path)
+    if state is None or "pinned" not in state:  # none, or a run that failed before it started
+        state = {
+            "run_id": uuid.uuid4().hex[:12],
+            "created": now(),
+            "pinned": pinned,
+            "status": "running",
+        }
+        if config is not None:
+            write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
+        write_json_atomic(path, state)
+        return state
+    old = state["pinned"]
+    diffs = [
+        f"{k}: {old.get(k)!r} (run) vs {pinned.get(k)!r} (now)"
+        for k in sorted(set(old) | set(pinned))
+        if old.get(k) != pinned.get(k)
+    ]
+    if diffs:
+        raise RunError(
+            f"{run_dir} holds a run with other settings, so it cannot be resumed with these:\n  "
+            + "\n  ".join(diffs)
+            + "\nRun again with the original settings, or drop hydra.run.dir to start a new run."
+        )
+    set_status(run_dir, "running")
+    return state
+
+
+def open_run(
+    cfg: DictConfig, device: torch.device, n_total: int, rank: distributed.Rank
+) -> tuple[str, dict[int, dict[str, Any]], list[int]]:
+    """The run's id, the records of its finished images (rank 0; other ranks: none) and this
+    rank's share of the images still to do.
+
+    Rank 0 reads (and repairs) the per-image logs before any rank appends, so all ranks split the
+    same list of images still to do.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+
+    def open_on_main() -> tuple[str, dict[int, dict[str, Any]]]:
+        run_id = open_run_state(run_dir, pinned(cfg, device), cfg)["run_id"]
+        return run_id, distributed.read_records(run_dir, n_total)
+
+    run_id, records = distributed.on_main(open_on_main, rank)
+    todo = distributed.shard(
+        [i for i in range(n_total) if i not in records], rank.rank, rank.world_size
+    )
+    return run_id, records if rank.is_main else {}, todo
