@@ -90,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         tried = ", ".join(f"{kl:g}: {100 * v:.2f}" for kl, v in c.scores.items())
         print(f"{c.dataset}: {args.metric} % on {c.n_images} {c.split} images ({tried})")
         print(f"  chosen KL {c.kl:g}; the tuning images are listed in {c.run_dir}/per_image.csv")
-        print(f"  python -m eval +experiment=tune_kl_val dataset={c.dataset} kl={c.kl:g}")
+        print(
+            f"  python -m eval +experiment=tune_kl_val dataset={c.dataset} "
+            f"segmenter.kl_threshold={c.kl:g}"
+        )
 
 
 if __name__ == "__main__":

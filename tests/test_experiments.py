@@ -34,7 +34,7 @@ SWEEPS = {
     "table1_kmeans": {"dataset", "segmenter"},
     "optuna_search": {"segmenter.kl_threshold", "segmenter.timestep", "segmenter.num_points"},
     "diffcut_diffseg": {"dataset"},
-    "tune_kl": {"kl"},
+    "tune_kl": {"segmenter.kl_threshold"},
 }
 TABLES_CMD = (sys.executable, "-m", "eval.tables")
 TINY = (
@@ -61,10 +61,10 @@ def test_the_expected_experiments_exist() -> None:
 def test_kl_is_tuned_on_training_images_and_evaluated_once_on_val() -> None:
     tune = composed("+experiment=tune_kl")
     assert (tune.dataset.name, tune.dataset.split, tune.limit) == ("cityscapes", "train", 200)
-    val = composed("+experiment=tune_kl_val", "kl=0.7")
-    OmegaConf.resolve(val.segmenter)
+    val = composed("+experiment=tune_kl_val", "segmenter.kl_threshold=0.7")
     assert (val.dataset.split, val.limit) == ("val", None)
-    assert list(val.segmenter.kl_threshold) == [0.7, 0.7, 0.7]
+    resolved = settings(OmegaConf.to_container(val.segmenter, resolve=True))
+    assert resolved["kl_threshold"] == [0.7, 0.7, 0.7]
     # The chosen value: best mIoU among the sweep's rows (latest per threshold, ties to the
     # smaller threshold), rescorings and other experiments left out.
     rows = [
