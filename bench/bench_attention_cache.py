@@ -10,29 +10,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 from bench_pipeline import bench_images, build, machine, report
+from timing import timed
 
 from eval.attention_cache import AttentionCache, CachedAttentionPipeline, bytes_per_image
-
-T = TypeVar("T")
-
-
-def _seconds(
-    device: torch.device, fn: Callable[..., T], *args: Any, **kwargs: Any
-) -> tuple[float, T]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -56,12 +40,12 @@ def main() -> None:
     for model in args.models:
         pipe = build(model, args.device, args.dtype)
         pipe(images, **call)  # warm-up
-        plain, expected = _seconds(device, pipe, images, **call)
+        plain, expected = timed(device, pipe, images, **call)
         with tempfile.TemporaryDirectory() as tmp:
             cache = AttentionCache(tmp, {"model": model}, args.cache_dtype)
             cached = CachedAttentionPipeline(pipe, cache)
-            miss, _ = _seconds(device, cached, images, **call)
-            hit, labels = _seconds(device, cached, images, **call)
+            miss, _ = timed(device, cached, images, **call)
+            hit, labels = timed(device, cached, images, **call)
             assert (cache.hits, cache.misses) == (args.batch, args.batch)
             stored = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
         same = (labels == expected).double().mean().item() * 100

@@ -17,7 +17,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fixtures
+
+from timing import timed
 
 from eval.datasets import SplitSizeWarning, collate, get_dataset
 from tests import fixtures as fx
@@ -71,9 +72,8 @@ def images_per_s(dataset: Dataset, workers: int, batch_size: int) -> float:
     the first batch are left out, as they are once per run, not per image)."""
     loader = iter(DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate))
     next(loader)
-    start = time.perf_counter()
-    n = sum(len(batch["id"]) for batch in loader)
-    return n / (time.perf_counter() - start)
+    seconds, n = timed("cpu", lambda: sum(len(batch["id"]) for batch in loader))
+    return n / seconds
 
 
 def main() -> None:
@@ -97,9 +97,9 @@ def main() -> None:
             root = Path(tmp) / name
             make(root, n)
             source = get_dataset(name, root, resolution=args.resolution)
-            start = time.perf_counter()
-            cached = get_dataset(name, root, resolution=args.resolution, cache=True)
-            build_s = time.perf_counter() - start
+            build_s, cached = timed(
+                "cpu", get_dataset, name, root, resolution=args.resolution, cache=True
+            )
             size = sum(f.stat().st_size for f in (root / ".cache").rglob("*") if f.is_file())
             builds.append((name, shape, n, build_s, size))
             for w in workers:

@@ -21,10 +21,10 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
 from diffseg.aggregate import aggregate_attention
 from diffseg.kl import kl_matrix
@@ -46,19 +46,15 @@ def _peak_rss_mib() -> float:
 def _child(method: str, path: str, device: str, ref_dtype: str, repeat: int) -> None:
     """Run one method on the saved input and print a JSON line with time and peak memory."""
     aggregated = torch.load(path).to(device)
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def segment() -> torch.Tensor:
         if method == "fast":
-            labels = segment_attention(aggregated, THRESHOLDS, num_points=16)[0]
-        else:
-            dtype = getattr(torch, ref_dtype)
-            labels = reference_segment(aggregated[0], THRESHOLDS, num_points=16, dtype=dtype)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+            return segment_attention(aggregated, THRESHOLDS, num_points=16)[0]
+        dtype = getattr(torch, ref_dtype)
+        return reference_segment(aggregated[0], THRESHOLDS, num_points=16, dtype=dtype)
+
+    runs = [timed(device, segment) for _ in range(repeat)]
+    times, labels = [t for t, _ in runs], runs[-1][1]
     cuda = device == "cuda"
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
     torch.save(labels.cpu(), f"{path}.{method}.labels")
@@ -102,9 +98,7 @@ def main() -> None:
     kl_seconds = {}
     kl = {}
     for dtype in (torch.float64, torch.float32):
-        start = time.perf_counter()
-        kl[dtype] = kl_matrix(anchors, maps, dtype=dtype)
-        kl_seconds[dtype] = time.perf_counter() - start
+        kl_seconds[dtype], kl[dtype] = timed(maps.device, kl_matrix, anchors, maps, dtype=dtype)
     flips = {
         t: int(((kl[torch.float32] < t) != (kl[torch.float64] < t)).sum()) for t in FLIP_THRESHOLDS
     }

@@ -35,17 +35,18 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from timing import timed
 
 from diffseg.aggregate import aggregate_attention
-from diffseg.attention import _attend, default_max_elements
+from diffseg.attention import chunked_attention, default_max_elements
+from diffseg.devices import resolve_dtype
 from diffseg.merge import segment_attention
 from diffseg.models import (
-    build_tiny,
     sd14_scheduler_config,
     sd14_unet_config,
     sd14_vae_config,
 )
-from diffseg.pipeline import DiffSegPipeline, resolve_dtype
+from diffseg.pipeline import DiffSegPipeline
 
 STAGES = ("vae", "unet_plain", "unet_capture", "aggregate", "merge")
 T = TypeVar("T")
@@ -89,25 +90,19 @@ def _peak_memory(device: torch.device, out: dict[str, float], key: str) -> Itera
 
 def _timed(fn: Callable[[], T], device: torch.device, times: dict, mem: dict, key: str) -> T:
     with _peak_memory(device, mem, key):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times[key] = time.perf_counter() - start
+        times[key], result = timed(device, fn)
     return result
 
 
 def build(model: str, device: str, dtype: str | None) -> DiffSegPipeline:
     if model == "tiny":
-        return DiffSegPipeline(**build_tiny(0), device=device, dtype=dtype)
+        return DiffSegPipeline.from_tiny(0, device, dtype)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**sd14_unet_config())
     vae = AutoencoderKL(**sd14_vae_config())
     embeds = torch.randn(1, 77, 768)  # stands in for CLIP's empty-prompt embedding
     scheduler = DDPMScheduler.from_config(sd14_scheduler_config())
-    return DiffSegPipeline(unet, vae, scheduler, prompt_embeds=embeds, device=device, dtype=dtype)
+    return DiffSegPipeline(unet, vae, scheduler, prompt_embeds=embeds).place(device, dtype)
 
 
 def bench_images(batch: int, resolution: int) -> torch.Tensor:
@@ -155,10 +150,9 @@ def measure(
     plain = not pipe.compiled
     first = float("nan")
     for i in range(args.warmup):
-        start = time.perf_counter()
-        run_once(pipe, batch, args.resolution, plain_pass=plain)
+        seconds, _ = timed(pipe.device, run_once, pipe, batch, args.resolution, plain_pass=plain)
         if i == 0:
-            first = time.perf_counter() - start
+            first = seconds
     runs = [run_once(pipe, batch, args.resolution, plain_pass=plain) for _ in range(args.repeats)]
     times = {s: min(r[0][s] for r in runs) for s in STAGES}
     mem = {s: max(r[1][s] for r in runs) for s in [*STAGES, "total"] if s in runs[0][1]}
@@ -174,28 +168,23 @@ def compare_capture(device: torch.device, dtype: torch.dtype, repeats: int) -> l
 
     def sdpa_then_probs() -> None:
         F.scaled_dot_product_attention(q, k, v)
-        _attend(q, k, v[..., :0], scale, None, default_max_elements(device))  # probabilities only
+        chunked_attention(
+            q, k, v[..., :0], scale, None, default_max_elements(device)
+        )  # probabilities only
 
     variants = {
         "SDPA only (no capture)": lambda: F.scaled_dot_product_attention(q, k, v),
-        "probs @ V (used)": lambda: _attend(q, k, v, scale, None, default_max_elements(device)),
+        "probs @ V (used)": lambda: chunked_attention(
+            q, k, v, scale, None, default_max_elements(device)
+        ),
         "SDPA + separate probs": sdpa_then_probs,
-        "probs @ V, 2^26-score chunks": lambda: _attend(q, k, v, scale, None, 2**26),
+        "probs @ V, 2^26-score chunks": lambda: chunked_attention(q, k, v, scale, None, 2**26),
     }
     rows = ["| layer variant | seconds | ratio to SDPA |", "|---|---:|---:|"]
     best = {}
     with torch.inference_mode():
         for name, fn in variants.items():
-            samples = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                samples.append(time.perf_counter() - start)
-            best[name] = min(samples)
+            best[name] = min(timed(device, fn)[0] for _ in range(repeats))
     base = best["SDPA only (no capture)"]
     rows += [f"| {name} | {s:.3f} | {s / base:.2f}x |" for name, s in best.items()]
     return rows

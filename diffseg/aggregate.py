@@ -67,6 +67,21 @@ def _as_head_mean(i: int, m: torch.Tensor) -> tuple[torch.Tensor, int]:
     return m, r
 
 
+def _check_weights(weights: Sequence[float] | None, resolutions: list[int]) -> list[float]:
+    """One finite non-negative weight per resolution; None: :func:`proportional_weights`."""
+    if weights is None:
+        return proportional_weights(resolutions)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(resolutions):
+        raise ValueError(
+            f"weights has {len(weights)} entries but maps has {len(resolutions)}; give one weight "
+            "per resolution (or None for r / sum(r))"
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"weights must be finite and non-negative, got {weights}")
+    return weights
+
+
 def aggregate_attention(
     maps: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
@@ -101,17 +116,7 @@ def aggregate_attention(
     if len(batch) != 1:
         raise ValueError(f"maps have different batch sizes {sorted(batch)}; expected one B")
     resolutions = [r for _, r in means]
-    if weights is None:
-        weights = proportional_weights(resolutions)
-    else:
-        weights = [float(w) for w in weights]
-        if len(weights) != len(maps):
-            raise ValueError(
-                f"weights has {len(weights)} entries but maps has {len(maps)}; give one weight "
-                "per resolution (or None for r / sum(r))"
-            )
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"weights must be finite and non-negative, got {weights}")
+    weights = _check_weights(weights, resolutions)
     s = max(resolutions) if size is None else int(size)
     bad = [r for r in resolutions if s <= 0 or s % r]
     if bad:

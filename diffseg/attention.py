@@ -85,7 +85,7 @@ class AttentionStore:
         return [self.sums[r] / self.counts[r] for r in self.resolutions]
 
 
-def _attend(
+def chunked_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -120,6 +120,30 @@ def _attend(
             out[:, hs, qs] = torch.matmul(probs.to(value.dtype), value[:, hs])
             probs_sum[:, qs] += probs.sum(dim=1)
     return out, probs_sum.div_(h)
+
+
+def _query_key_value(
+    attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The projected query, key and value per head, `(B, H, N, d)`, as AttnProcessor2_0 has them."""
+    batch_size = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
 
 
 class SelfAttentionCaptureProcessor:
@@ -166,25 +190,12 @@ class SelfAttentionCaptureProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
+        query, key, value = _query_key_value(attn, hidden_states, encoder_hidden_states)
+        head_dim = key.shape[-1]
         max_elements = self.max_elements or default_max_elements(query.device)
-        hidden_states, probs = _attend(query, key, value, attn.scale, attention_mask, max_elements)
+        hidden_states, probs = chunked_attention(
+            query, key, value, attn.scale, attention_mask, max_elements
+        )
         self.store.add(probs)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)

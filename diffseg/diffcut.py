@@ -73,7 +73,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from diffseg.merge import _check_out_size
+from diffseg.merge import check_out_size
 
 # get_bipartition: 100 candidate thresholds spanning 0.99 * [min(y), max(y)].
 NUM_THRESHOLDS = 100
@@ -218,7 +218,7 @@ def assign_high_res(
             f"segments must be integer ids of shape {tuple(features.shape[1:])} (the features' "
             f"h, w), got {segments.dtype} {tuple(segments.shape)}"
         )
-    size = _check_out_size(out_size)
+    size = check_out_size(out_size)
     c = features.shape[0]
     x = F.normalize(features.to(torch.float64), dim=0).reshape(c, -1)
     _, ids = torch.unique(segments.reshape(-1), return_inverse=True)
@@ -243,7 +243,7 @@ def diffcut_segment(
     features' device.
     """
     _check_features(features, 4, "(B, C, h, w)")
-    size = _check_out_size(out_size)
+    size = check_out_size(out_size)
     c, h, w = features.shape[1:]
     labels = []
     for image in features:

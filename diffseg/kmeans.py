@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffseg.merge import _check_aggregated, _check_out_size, kmeans_refine, proposals_to_labels
+from diffseg.merge import check_aggregated, check_out_size, kmeans_refine, proposals_to_labels
 
 
 def kmeans_plusplus(x: torch.Tensor, n_clusters: int, generator: torch.Generator) -> torch.Tensor:
@@ -65,7 +65,7 @@ def kmeans_proposals(
     its own ``seed``, so its result does not depend on the batch it is in). ``K_b <= n_clusters``:
     clusters left empty are dropped (see :func:`diffseg.merge.kmeans_refine`).
     """
-    s = _check_aggregated(aggregated)
+    s = check_aggregated(aggregated)
     batch = aggregated.shape[0]
     counts = _per_image("n_clusters", n_clusters, batch)
     seeds = _per_image("seed", seed, batch)
@@ -98,7 +98,7 @@ def kmeans_segment(
     :func:`kmeans_proposals`, then :func:`diffseg.merge.proposals_to_labels` per image;
     ``out_size`` defaults to ``8 * S`` (512 for SD's 64x64 latents), as DiffSeg's.
     """
-    size = None if out_size is None else _check_out_size(out_size)
+    size = None if out_size is None else check_out_size(out_size)
     proposals = kmeans_proposals(aggregated, n_clusters, seed, max_iter, tol)
     size = size or (8 * aggregated.shape[-1],) * 2
     return torch.stack([proposals_to_labels(p, size) for p in proposals])

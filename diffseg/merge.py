@@ -89,7 +89,9 @@ def _check_thresholds(kl_threshold: Sequence[float]) -> list[float]:
     return values
 
 
-def _check_aggregated(aggregated: torch.Tensor) -> int:
+def check_aggregated(aggregated: torch.Tensor) -> int:
+    """Raise ValueError unless ``aggregated`` is a ``(B, S, S, S, S)`` tensor of finite
+    non-negative floats (:func:`diffseg.aggregate.aggregate_attention`'s output); returns ``S``."""
     if (
         not isinstance(aggregated, torch.Tensor)
         or aggregated.ndim != 5
@@ -115,7 +117,7 @@ def _check_first_merge_dtype(first_merge_dtype: str | torch.dtype) -> torch.dtyp
     return FIRST_MERGE_DTYPES[name]
 
 
-def _first_merge(
+def first_merge(
     maps: torch.Tensor, grid: torch.Tensor, threshold: float, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """Iteration 1: per anchor, the mean of all ``maps (S*S, S*S)`` within ``threshold``.
@@ -170,7 +172,7 @@ def greedy_groups(close: torch.Tensor) -> torch.Tensor:
     return torch.stack(groups)
 
 
-def _later_merge(proposals: torch.Tensor, threshold: float) -> torch.Tensor:
+def later_merge(proposals: torch.Tensor, threshold: float) -> torch.Tensor:
     """A later iteration: walk the proposals ``(K, S*S)`` in order, merging unmatched anchors.
 
     An unmatched proposal's new proposal is the mean of all proposals (matched earlier or not)
@@ -263,25 +265,26 @@ def merge_attention(
     entry float16 rounds to 0 give nan proposals, which are dropped before iteration 2 (the
     official iteration 2 drops them; with a single iteration the official code would keep them).
     """
-    s = _check_aggregated(aggregated)
+    s = check_aggregated(aggregated)
     thresholds = _check_thresholds(kl_threshold)
     dtype = _check_first_merge_dtype(first_merge_dtype)
     grid = sampling_grid(num_points, s).to(aggregated.device)
     results = []
     for image in aggregated:
         maps = image.reshape(s * s, s * s)
-        proposals = _first_merge(maps, grid, thresholds[0], dtype)
+        proposals = first_merge(maps, grid, thresholds[0], dtype)
         if dtype == torch.float16:
             proposals = _drop_nan(proposals)
         for threshold in thresholds[1:]:
-            proposals = _later_merge(proposals, threshold)
+            proposals = later_merge(proposals, threshold)
         if refine:
             proposals, _, _ = kmeans_refine(maps, proposals)
         results.append(proposals.reshape(-1, s, s))
     return results
 
 
-def _check_out_size(out_size: int | Sequence[int]) -> tuple[int, int]:
+def check_out_size(out_size: int | Sequence[int]) -> tuple[int, int]:
+    """A label map size (a side or ``(H, W)``) as ``(H, W)``; ValueError unless positive ints."""
     size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
     if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
         raise ValueError(f"out_size must be a positive int or (H, W), got {out_size!r}")
@@ -297,7 +300,7 @@ def proposals_to_labels(proposals: torch.Tensor, out_size: int | Sequence[int]) 
     """
     if proposals.ndim != 3 or proposals.shape[0] == 0:
         raise ValueError(f"proposals must be a non-empty (K, S, S) tensor, got {proposals.shape}")
-    size = _check_out_size(out_size)
+    size = check_out_size(out_size)
     up = F.interpolate(proposals[None], size=size, mode="bilinear", align_corners=False)
     return up[0].argmax(dim=0)
 
@@ -315,7 +318,7 @@ def segment_attention(
     :func:`merge_attention` then :func:`proposals_to_labels` per image; ``out_size`` defaults to
     ``8 * S`` (512 for SD's 64x64 latents).
     """
-    size = None if out_size is None else _check_out_size(out_size)
+    size = None if out_size is None else check_out_size(out_size)
     proposals = merge_attention(aggregated, kl_threshold, num_points, refine, first_merge_dtype)
     size = size or (8 * aggregated.shape[-1],) * 2
     return torch.stack([proposals_to_labels(p, size) for p in proposals])

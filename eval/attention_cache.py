@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
-from diffseg.pipeline import DiffSegPipeline
+from diffseg.segmenter import AttentionSegmenter
 from eval.atomic import atomic_open
 
 CACHE_VERSION = 1
@@ -118,11 +118,12 @@ def bytes_per_image(pipeline: Any, resolution: int, dtype: str) -> int:
     return sum((latent >> i) ** 4 for i in range(levels) if latent >> i) * itemsize
 
 
-class CachedAttentionPipeline:
+class CachedAttentionPipeline(AttentionSegmenter):
     """A ``DiffSegPipeline`` whose attention comes from an :class:`AttentionCache` when stored.
 
-    Only ``attention`` is its own; ``__call__`` and ``aggregate`` are the pipeline's methods, run
-    on the (stored-precision) attention it returns; every other attribute is the pipeline's.
+    Only ``attention`` is its own; ``__call__`` and ``aggregate`` (``AttentionSegmenter``'s, as
+    the pipeline's) run on the (stored-precision) attention it returns; every other attribute is
+    the pipeline's.
     """
 
     def __init__(self, pipeline: Any, cache: AttentionCache) -> None:
@@ -148,7 +149,7 @@ class CachedAttentionPipeline:
                 "the attention cache takes images as a float tensor (B, 3, H, W), got "
                 f"{type(images).__name__}"
             )
-        self.pipeline._check_resolution(resolution)
+        self.pipeline.check_resolution(resolution)
         settings = {"timestep": int(timestep), "resolution": resolution, "prompt": prompt}
         settings.update(noise=bool(noise), seed=int(seed) if noise else None)
         hashes = [image_hash(image) for image in images]
@@ -177,11 +178,6 @@ class CachedAttentionPipeline:
         return {
             r: torch.stack([s[r] for s in stored]).to(device, torch.float32) for r in resolutions
         }
-
-    # The pipeline's own steps after the attention, run on this wrapper so they read the cache.
-    _attend = DiffSegPipeline._attend
-    aggregate = DiffSegPipeline.aggregate
-    __call__ = DiffSegPipeline.__call__
 
 
 def from_config(

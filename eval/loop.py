@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from diffseg.preprocess import resize_label
 from eval import contingency, distributed, visualize
 from eval.atomic import JsonlAppender
 from eval.datasets.base import DataFileError
@@ -106,10 +106,7 @@ def safe_name(index: int, image_id: str) -> str:
 
 def to_label_size(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Only with ``dataset.keep_size``: labels keep the image's size, the model predicts a square."""
-    if tuple(pred.shape) == tuple(label.shape):
-        return pred
-    out = F.interpolate(pred[None, None].float(), size=tuple(label.shape), mode="nearest-exact")
-    return out[0, 0].long()
+    return resize_label(pred, tuple(label.shape))
 
 
 def score_item(

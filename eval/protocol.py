@@ -48,14 +48,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import median_filter
 from scipy.optimize import linear_sum_assignment
 from torch.utils.data import Dataset
 
 from diffseg.pamr import pamr
+from diffseg.preprocess import center_crop, resize_image, resize_label
 from eval.datasets import registry
-from eval.datasets.base import IGNORE, resize_image, resize_label
+from eval.datasets.base import IGNORE
 from eval.matching import confusion_histogram, match_per_image
 from eval.schema import validate
 
@@ -152,11 +152,9 @@ def crop_min_minus_one(x: torch.Tensor) -> torch.Tensor:
     Offsets ``round((H - c) / 2)`` with Python's round (half to even), as torchvision.
     """
     h, w = x.shape[-2:]
-    c = min(h, w) - 1
-    if c < 1:
+    if min(h, w) < 2:
         raise ValueError(f"cannot crop min(H, W) - 1 from a {h}x{w} image")
-    top, left = round((h - c) / 2), round((w - c) / 2)
-    return x[..., top : top + c, left : left + c]
+    return center_crop(x, min(h, w) - 1, rounding="round")
 
 
 def compat_label(label: torch.Tensor, dataset_name: str, n_class: int) -> torch.Tensor:
@@ -217,7 +215,7 @@ class ProtocolData(Dataset):
             image, label = crop_min_minus_one(image), crop_min_minus_one(label)
             # model_resolution: the model sees its own side, the labels keep the protocol's
             # sampling (prediction and label sample the same relative pixels when scored).
-            image = resize_image(image, p.input_resolution).clamp_(0.0, 1.0)
+            image = resize_image(image, p.input_resolution).clamp(0.0, 1.0)
             label = resize_label(label, p.resolution)
         if p.compat:
             label = compat_label(label, self.dataset_name, self.dataset.n_class)
@@ -226,22 +224,6 @@ class ProtocolData(Dataset):
 
 # ----------------------------------------------------------------------------------------------
 # Scoring: downsample, background merge, PAMR
-
-
-def downsample_nearest(label: torch.Tensor, size: int) -> torch.Tensor:
-    """``(H, W)`` ids -> ``(size, size)`` with ``F.interpolate``'s default ``nearest`` (source
-    pixel ``floor(i * H / size)``), DiffCut's rule for its labels; identity at the same size."""
-    if tuple(label.shape) == (size, size):
-        return label
-    out = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest")
-    return out[0, 0].long()
-
-
-def downsample_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    """``(3, H, W)`` -> ``(3, size, size)``: bilinear, half-pixel centres, no antialiasing."""
-    if tuple(image.shape[-2:]) == (size, size):
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
 def merge_unmatched_into_background(
@@ -333,9 +315,10 @@ class Scoring:
         p = self.protocol
         image, label = item["image"], item["label"]
         if p.score_resolution is not None:
-            image = downsample_image(image, p.score_resolution)
-            label = downsample_nearest(label, p.score_resolution)
-            pred = downsample_nearest(pred, p.score_resolution)
+            # Labels and prediction with F.interpolate's default nearest, DiffCut's rule.
+            image = resize_image(image, p.score_resolution)
+            label = resize_label(label, p.score_resolution, mode="nearest")
+            pred = resize_label(pred, p.score_resolution, mode="nearest")
         if self.background is not None:
             pred = merge_unmatched_into_background(pred, label, self.n_class, self.background)
         if p.pamr:

@@ -93,7 +93,7 @@ def weights_fingerprint(model: Mapping[str, Any]) -> str:
 
 def model_dtype(model: Mapping[str, Any], device: Any) -> str:
     """The dtype the model config runs in on ``device`` (``float32``, ``float16``, ``bfloat16``)."""
-    from diffseg.pipeline import resolve_dtype
+    from diffseg.devices import resolve_dtype
 
     return str(resolve_dtype(model.get("dtype"), device)).removeprefix("torch.")
 

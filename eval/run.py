@@ -23,6 +23,7 @@ from eval.jobs import set_status
 from eval.loggers import RunInfo
 from eval.loop import Loop
 from eval.metrics import HungarianIoU
+from eval.model import load_model
 from eval.outputs import Outputs, append_to_ledger, finish, print_summary
 from eval.protocol import Protocol, ProtocolData, check_dataset, check_resolution_pair, scoring
 from eval.runtime import RunError, resolve_device, seed_everything
@@ -49,7 +50,7 @@ def load_pipeline(cfg: DictConfig, device: torch.device, resolution: int, n_todo
     """The model (compiled, behind the attention cache, as configured); None with nothing to do."""
     if not n_todo:
         return None
-    pipeline = hydra.utils.instantiate(cfg.model, device=device)
+    pipeline = load_model(cfg.model, device)
     if cfg.get("compile"):
         pipeline.compile_unet()
     if cfg.get("cache") and cfg.cache.attention:

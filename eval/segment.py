@@ -132,8 +132,10 @@ def segment_images(
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from diffseg.preprocess import preprocess_image
     from eval import visualize
-    from eval.datasets.base import preprocess_image, read_image
+    from eval.datasets.base import read_image
+    from eval.model import load_model
     from eval.runtime import resolve_device, seed_everything
     from eval.segmenters import GT, segment_batch, segmenter_call
 
@@ -149,7 +151,7 @@ def segment_images(
             f"segmenter={call['name']} takes its cluster count from ground truth, which a plain "
             "image does not have; use segmenter=kmeans_c or segmenter.n_clusters=N"
         )
-    pipeline = hydra.utils.instantiate(cfg.model, device=device)
+    pipeline = load_model(cfg.model, device)
 
     results, used = [], set()
     for path in images:

@@ -9,8 +9,8 @@ from diffusers import UNet2DConditionModel
 
 from diffseg.attention import (
     AttentionStore,
-    _attend,
     capture_self_attention,
+    chunked_attention,
     self_attention_layers,
 )
 from diffseg.models import build_tiny, tiny_unet_config
@@ -131,7 +131,7 @@ def test_chunked_attention_matches_sdpa(max_elements):
     q, k, v = (torch.randn(2, 4, 64, 8, generator=g) for _ in range(3))
     mask = torch.randn(2, 4, 1, 64, generator=g)
     for m in (None, mask):
-        out, probs = _attend(q, k, v, 8**-0.5, m, max_elements)
+        out, probs = chunked_attention(q, k, v, 8**-0.5, m, max_elements)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=m))
         scores = q @ k.transpose(-1, -2) * 8**-0.5 + (0 if m is None else m)
         torch.testing.assert_close(probs, scores.softmax(-1).mean(1))

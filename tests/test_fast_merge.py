@@ -11,7 +11,7 @@ import torch
 
 from diffseg.aggregate import aggregate_attention
 from diffseg.kl import kl_direct
-from diffseg.merge import _first_merge, _later_merge, greedy_groups, sampling_grid
+from diffseg.merge import first_merge, greedy_groups, later_merge, sampling_grid
 from diffseg.reference import realistic_attention
 
 
@@ -42,10 +42,10 @@ def test_greedy_groups_hand_example() -> None:
 @pytest.mark.parametrize("thresholds", [(1.1, 1.1, 1.1), (0.6, 0.9, 1.3)])
 def test_later_merge_equals_the_per_proposal_loop(seed: int, thresholds) -> None:
     maps = aggregate_attention(realistic_attention(size=16, seed=seed))[0].reshape(256, 256)
-    proposals = _first_merge(maps, sampling_grid(8, 16), thresholds[0])
+    proposals = first_merge(maps, sampling_grid(8, 16), thresholds[0])
     fast = slow = proposals
     for threshold in thresholds[1:]:
-        fast, slow = _later_merge(fast, threshold), _loop_merge(slow, threshold)
+        fast, slow = later_merge(fast, threshold), _loop_merge(slow, threshold)
         assert fast.shape == slow.shape  # the same groups
         torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-15)
     assert 1 < len(fast) < len(proposals)  # the iterations did merge, and not everything

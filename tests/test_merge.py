@@ -6,9 +6,9 @@ import torch
 from diffseg.aggregate import aggregate_attention
 from diffseg.kl import kl_direct, kl_float16, kl_matrix
 from diffseg.merge import (
-    _later_merge,
     check_merge_settings,
     kmeans_refine,
+    later_merge,
     merge_attention,
     proposals_to_labels,
     sampling_grid,
@@ -78,7 +78,7 @@ def test_later_iteration_merges_with_already_matched_proposals():
     kl = kl_direct(p[:, None].reshape(3, 1, 2, 2), p.reshape(1, 3, 2, 2))
     threshold = (max(kl[0, 1], kl[1, 2]) + kl[0, 2]).item() / 2
     assert kl[0, 1] < threshold < kl[0, 2] and kl[1, 2] < threshold
-    merged = _later_merge(p, threshold)
+    merged = later_merge(p, threshold)
     # Anchor 0 takes {0, 1}; 1 is then matched; anchor 2 takes {1, 2}: 1 again.
     expected = torch.stack([p[[0, 1]].mean(0), p[[1, 2]].mean(0)])
     torch.testing.assert_close(merged, expected)

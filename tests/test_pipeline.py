@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from diffseg.loading import UNUSED_PARTS, ModelLoadError, ModelNotFoundError
 from diffseg.merge import merge_attention
-from diffseg.pipeline import DiffSegOutput, DiffSegPipeline, center_crop_resize
+from diffseg.pipeline import DiffSegOutput, DiffSegPipeline
+from diffseg.preprocess import center_crop, resize_image
 
 RES = 128
 # Random weights give near-uniform attention: the paper's threshold 1.1 merges everything into one
@@ -102,11 +105,11 @@ def test_preprocess_crops_centre_and_scales(pipe):
     out = pipe.preprocess(image, 64)
     torch.testing.assert_close(out, image[:, :, 3:67] * 2 - 1)
     wide = torch.rand(1, 3, 64, 71)  # columns 3..66
-    torch.testing.assert_close(center_crop_resize(wide, 64), wide[..., 3:67])
+    torch.testing.assert_close(resize_image(center_crop(wide), 64), wide[..., 3:67])
     # Half-pixel bilinear 2x downsampling of a square is the mean of each 2x2 block.
     square = torch.rand(1, 3, 8, 8)
     expected = square.unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2))
-    torch.testing.assert_close(center_crop_resize(square, 4), expected)
+    torch.testing.assert_close(resize_image(center_crop(square), 4), expected)
 
 
 def test_pil_input_equals_tensor_input(pipe):
@@ -141,11 +144,55 @@ def test_from_pretrained_local_dir(pipe, images, tmp_path):
     with pytest.raises(ValueError, match="only the empty-prompt embedding"):
         loaded(images, resolution=RES, prompt="a cat")
 
+    # The embedding is no module: it follows the pipeline's dtype all the same.
+    assert loaded.place("cpu", "bfloat16").encode_prompt("").dtype == torch.bfloat16
+
     shutil.rmtree(full / "vae")
-    with pytest.raises(FileNotFoundError, match=r"\['vae'\].*model\.model="):
+    with pytest.raises(FileNotFoundError, match=r"\['vae'\].*path of a local copy") as info:
         DiffSegPipeline.from_pretrained(full)
-    with pytest.raises(FileNotFoundError, match=r"no such directory.*model\.model="):
+    with pytest.raises(FileNotFoundError, match=r"no such directory.*path of a local copy"):
         DiffSegPipeline.from_pretrained(str(tmp_path / "absent"))
+    (slim / "model_index.json").unlink()
+    with pytest.raises(ModelNotFoundError, match=r"no model_index\.json"):
+        DiffSegPipeline.from_pretrained(slim)
+    # A library's message: no Hydra override (the harness adds that, see eval.model).
+    assert "model.model" not in str(info.value)
+
+
+def test_stable_diffusion_folder_loads_without_the_parts_diffseg_does_not_use(pipe, tmp_path):
+    # The layout of `hf download CompVis/stable-diffusion-v1-4`: a StableDiffusionPipeline index
+    # that lists a safety checker and feature extractor, whose folders a DiffSeg copy can lack.
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index.update(
+        _class_name="StableDiffusionPipeline",
+        safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+        feature_extractor=["transformers", "CLIPImageProcessor"],
+        requires_safety_checker=True,
+    )
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    loaded = DiffSegPipeline.from_pretrained(tmp_path, device="cpu")
+    assert isinstance(loaded, DiffSegPipeline)
+    assert torch.equal(loaded.encode_prompt("a cat"), pipe.encode_prompt("a cat"))
+
+
+def test_hub_model_is_downloaded_by_diffusers_without_unused_parts(
+    pipe, images, monkeypatch, tmp_path
+):
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path)
+    calls = []
+
+    def download(model, **kwargs):
+        calls.append((model, kwargs))
+        return str(tmp_path)  # the snapshot folder diffusers returns
+
+    monkeypatch.setattr(DiffusionPipeline, "download", download)
+    loaded = DiffSegPipeline.from_pretrained("org/sd", revision="main", device="cpu")
+    assert calls == [("org/sd", {"revision": "main", **dict.fromkeys(UNUSED_PARTS)})]
+    expected = pipe(images, resolution=RES, kl_threshold=KL)
+    assert torch.equal(loaded(images, resolution=RES, kl_threshold=KL), expected)
 
 
 @pytest.mark.parametrize(
@@ -186,18 +233,28 @@ def test_bad_images(pipe):
         DiffSegPipeline.from_pretrained("unused/model", dtype="int8")
 
 
-def test_hub_failure_names_the_component_and_the_override(monkeypatch):
-    from diffusers import UNet2DConditionModel
+def test_hub_failure_names_the_model_and_the_fix(monkeypatch):
+    from diffusers import DiffusionPipeline
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to the hub")
 
-    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", offline)
+    monkeypatch.setattr(DiffusionPipeline, "download", offline)
     with pytest.raises(
-        OSError, match=r"could not load unet/ of model='org/sd'.*model\.model="
+        ModelLoadError, match=r"could not load model='org/sd'.*path of a local copy"
     ) as info:
         DiffSegPipeline.from_pretrained("org/sd", device="cpu")
     assert "couldn't connect" in str(info.value)
+    assert "model.model" not in str(info.value)
+
+
+def test_harness_adds_the_hydra_override_to_a_model_load_error(tmp_path):
+    from eval.model import HYDRA_FIX, load_model
+
+    cfg = {"_target_": "diffseg.pipeline.DiffSegPipeline.from_pretrained", "model": "./absent"}
+    with pytest.raises(ModelNotFoundError, match=r"no such directory.*model\.model=") as info:
+        load_model(cfg, torch.device("cpu"))
+    assert str(info.value).endswith(HYDRA_FIX)
 
 
 def test_compiled_unet_keeps_capturing_the_same_attention(images):
@@ -214,3 +271,18 @@ def test_compiled_unet_keeps_capturing_the_same_attention(images):
         assert torch.equal(out.labels, expected.labels)
         for r, attention in expected.attention.items():
             torch.testing.assert_close(out.attention[r], attention, rtol=0, atol=1e-6)
+
+
+def test_one_device_resolver_for_library_and_harness():
+    from diffseg.devices import DeviceUnavailableError, resolve_device
+    from eval.runtime import RunError
+    from eval.runtime import resolve_device as run_device
+
+    assert resolve_device(None) == resolve_device("auto") == run_device("auto")
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        resolve_device("gpu")
+    beyond = f"cuda:{torch.cuda.device_count()}"  # absent on any machine
+    with pytest.raises(DeviceUnavailableError, match=r"device=cuda:\d+ but"):
+        resolve_device(beyond)
+    with pytest.raises(RunError, match=r"device=cuda:\d+ but"):
+        run_device(beyond)

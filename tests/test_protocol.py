@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
+from diffseg.preprocess import resize_label
 from eval.datasets.classes import ADE20K_CLASSES, VOC_CLASSES
 from eval.datasets.synthetic import SyntheticScenes
 from eval.matching import match_per_image
@@ -27,7 +28,6 @@ from eval.protocol import (
     check_dataset,
     compat_label,
     crop_min_minus_one,
-    downsample_nearest,
     merge_unmatched_into_background,
 )
 from tests.helpers import run_module
@@ -71,8 +71,8 @@ def test_crop_is_torchvision_center_crop_of_min_side_minus_one():
 
 def test_nearest_downsampling_takes_the_first_pixel_of_each_block():
     x = torch.arange(8).repeat(8, 1)  # column index
-    assert downsample_nearest(x, 2).tolist() == [[0, 4], [0, 4]]
-    assert downsample_nearest(x, 8) is x
+    assert resize_label(x, 2, mode="nearest").tolist() == [[0, 4], [0, 4]]
+    assert resize_label(x, 8, mode="nearest") is x
 
 
 def test_scoring_at_128_by_hand():
@@ -351,7 +351,7 @@ def test_diffcut_run_end_to_end_on_tiny(tmp_path):
         label = torch.nn.functional.interpolate(
             crop_min_minus_one(label)[None, None].float(), size=(64, 64), mode="nearest-exact"
         )[0, 0].long()
-        label = downsample_nearest(label, 32)
+        label = resize_label(label, 32, mode="nearest")
         tp, fp, fn, total = match_per_image(pred, label, data.n_class)
         assert (tp.tolist(), fp.tolist(), fn.tolist(), total) == (
             rec["tp"],

@@ -6,7 +6,8 @@ centre crop to a square of side ``c = min(h, w)`` at offsets ``((h - c) // 2, (w
 then ``tf.image.resize`` to ``resolution``: bilinear with half-pixel centres and no antialiasing
 for the image (torch ``interpolate(mode="bilinear", align_corners=False, antialias=False)``), and
 nearest neighbour with half-pixel centres for the label (TF2 picks source index
-``floor((i + 0.5) * in / out)``, which is torch's ``nearest-exact``, not ``nearest``).  The official
+``floor((i + 0.5) * in / out)``, which is torch's ``nearest-exact``, not ``nearest``); the
+steps are ``diffseg.preprocess``'s, which the pipeline uses too.  The official
 code feeds the model ``x / 127.5 - 1``; items here carry the same image as ``x / 255`` in [0, 1].
 JPEGs are decoded as ``jpeg_decoder`` says (:func:`decode_image`): ``tf`` (default) as the official
 pipeline's ``tf.io.decode_jpeg`` (libjpeg-turbo's fast integer DCT, fancy upsampling), ``pil``
@@ -25,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
+
+from diffseg.preprocess import center_crop, channels_first, preprocess_image, resize_label
 
 IGNORE = -1
 # Marks label values that the dataset's convention does not define (an error, never a class).
@@ -65,29 +67,6 @@ def label_lut(mapping: Mapping[int, int], ignore: Sequence[int] = ()) -> np.ndar
     return lut
 
 
-def center_crop(x: torch.Tensor) -> torch.Tensor:
-    """Square centre crop of ``(..., H, W)`` with offsets ``(H - c) // 2``, ``(W - c) // 2``."""
-    h, w = x.shape[-2:]
-    c = min(h, w)
-    top, left = (h - c) // 2, (w - c) // 2
-    return x[..., top : top + c, left : left + c]
-
-
-def resize_image(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
-    """Bilinear resize of ``(3, H, W)`` float to ``(3, size, size)`` with half-pixel centres."""
-    out = F.interpolate(
-        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=antialias
-    )
-    return out[0]
-
-
-def resize_label(label: torch.Tensor, size: int) -> torch.Tensor:
-    """Nearest resize of ``(H, W)`` int64 to ``(size, size)`` with half-pixel centres (TF2)."""
-    # Class ids and -1 are exact in float32, so the round trip through float is lossless.
-    out = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest-exact")
-    return out[0, 0].long()
-
-
 def preprocess(
     image: np.ndarray,
     label: np.ndarray,
@@ -96,24 +75,13 @@ def preprocess(
     keep_size: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``(H, W, 3)`` image and int64 ``(H, W)`` label -> float ``(3, R, R)`` in [0, 1] and
-    int64 ``(R, R)`` (or the original ``H, W`` with ``keep_size``)."""
+    int64 ``(R, R)`` (or the original ``H, W`` with ``keep_size``), by ``diffseg.preprocess``."""
     lab = torch.from_numpy(label)
     if keep_size:
-        return _channels_first(image).float() / 255.0, lab
+        return channels_first(image).float() / 255.0, lab
     return preprocess_image(image, resolution, antialias), resize_label(
         center_crop(lab), resolution
     )
-
-
-def _channels_first(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-
-
-def preprocess_image(image: np.ndarray, resolution: int, antialias: bool = False) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` -> float ``(3, R, R)`` in [0, 1]: centre square, then bilinear resize.
-    The crop comes first, on the uint8 pixels, so only the kept ones are converted to float."""
-    square = center_crop(_channels_first(image)).float() / 255.0
-    return resize_image(square, resolution, antialias).clamp_(0.0, 1.0)
 
 
 def map_label(

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffseg import preprocess
 from eval.datasets import base, registry
 from eval.datasets.base import DataFileError, SegmentationFiles, check_on_error
 from eval.datasets.sources import TableSegmentation, parquet_files, parse_source
@@ -99,7 +100,7 @@ def _code_hash(dataset: Dataset) -> str:
     """Hash of the preprocessing code and of the dataset's own module: an edit there makes old
     caches stale."""
     h = hashlib.sha256()
-    for module in (base, sys.modules[type(dataset).__module__]):
+    for module in (preprocess, base, sys.modules[type(dataset).__module__]):
         h.update(Path(inspect.getsourcefile(module)).read_bytes())
     return h.hexdigest()
 
