@@ -94,7 +94,7 @@ def reference_segment(
     return proposals_to_labels(proposals, out_size or 8 * attns.shape[-1])
 
 
-def realistic_attention(
+def realistic_attention(  # noqa: PLR0913 (test data: each keyword a knob of the generator)
     batch: int = 1,
     size: int = 64,
     resolutions: Sequence[int] | None = None,

@@ -49,7 +49,7 @@ class AttentionSegmenter:
     The keyword settings mirror a diffusers pipeline call (and `conf/segmenter/diffseg.yaml`).
     """
 
-    def aggregate(
+    def aggregate(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
         images: Any,
         timestep: int = 300,
@@ -68,7 +68,7 @@ class AttentionSegmenter:
         with torch.inference_mode():
             return aggregate_attention(list(attention.values()), weights)
 
-    def __call__(
+    def __call__(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
         images: Any,
         timestep: int = 300,

@@ -85,7 +85,7 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, chunk: int = 64) ->
     return torch.cat([vae.encode(p.to(device)).latent_dist.mean.cpu() for p in pixels.split(chunk)])
 
 
-def train_unet(
+def train_unet(  # noqa: PLR0913 (the training loop's parts, each used)
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
     context: torch.Tensor,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,6 @@ def from_config(
     device: torch.device,
     resolution: int,
     n_images: int,
-    echo: Callable[[str], None] = print,
 ) -> CachedAttentionPipeline:
     """The harness' wrapper: ``cache_cfg`` is ``cfg.cache`` (``dir``, ``dtype``), ``model_cfg`` the
     resolved ``cfg.model``. Prints the size estimate for ``n_images`` before the run starts."""
@@ -199,7 +198,7 @@ def from_config(
     }
     cache = AttentionCache(cache_cfg["dir"], context, dtype)
     per_image = bytes_per_image(pipeline, resolution, dtype)
-    echo(
+    print(
         f"attention cache: {per_image / 2**20:.1f} MiB per image ({dtype}) x {n_images} images "
         f"= {per_image * n_images / 2**30:.2f} GiB at most, in {cache.directory}"
     )

@@ -196,7 +196,7 @@ class SegmentationFiles(Dataset):
     be broken when the index is built are dropped with a warning and counted in ``skipped``.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (the loaders pass their conf/dataset keys through)
         self,
         name: str,
         candidates: Iterable[Sample],

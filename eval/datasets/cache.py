@@ -206,7 +206,6 @@ def build(
     fp: dict,
     resolution: int,
     dtype: str = "float32",
-    num_workers: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Write ``source``'s items into a new cache at ``path`` (replacing any old one)."""
@@ -226,8 +225,8 @@ def build(
         "id": Value("string"),
         "error": Value("string"),
     })  # fmt: skip
-    if num_workers is None:  # worker start-up costs more than it saves on a few images
-        num_workers = 0 if n < 32 else min(4, os.cpu_count() or 1)
+    # Worker start-up costs more than it saves on a few images.
+    num_workers = 0 if n < 32 else min(4, os.cpu_count() or 1)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -313,7 +312,7 @@ def key_options(dataset: Dataset, name: str, source: str | None, columns: Mappin
     return {**options, "source": source, "columns": dict(columns) if columns else None}
 
 
-def cached(
+def cached(  # noqa: PLR0913 (get_dataset's own keywords, which key the cache)
     dataset: Dataset,
     root: str | os.PathLike | None,
     name: str,

@@ -82,10 +82,8 @@ def load_table(source: str, split: str | None, cache_dir: Path | None = None) ->
     )
 
 
-def _array(value: Any, what: str, label: bool, jpeg_decoder: str = "tf") -> np.ndarray:
-    """A table cell (PIL image, ``{"bytes": ...}`` dict, raw bytes or nested list) as an array:
-    RGB uint8 ``(H, W, 3)`` for images (encoded bytes decoded by ``base.decode_image`` with
-    ``jpeg_decoder``), raw ids ``(H, W)`` for labels."""
+def _cell_value(value: Any, what: str, label: bool, jpeg_decoder: str) -> Any:
+    """A table cell's content: a decoded image array, a PIL image, or the raw value."""
     if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
         value = Path(value["path"]).read_bytes()  # an undecoded cell that names its file
     elif isinstance(value, dict):
@@ -98,6 +96,14 @@ def _array(value: Any, what: str, label: bool, jpeg_decoder: str = "tf") -> np.n
             value.load()
         except (OSError, ValueError) as e:
             raise DataFileError(f"cannot decode {what}: {e}") from e
+    return value
+
+
+def _array(value: Any, what: str, label: bool, jpeg_decoder: str = "tf") -> np.ndarray:
+    """A table cell (PIL image, ``{"bytes": ...}`` dict, raw bytes or nested list) as an array:
+    RGB uint8 ``(H, W, 3)`` for images (encoded bytes decoded by ``base.decode_image`` with
+    ``jpeg_decoder``), raw ids ``(H, W)`` for labels."""
+    value = _cell_value(value, what, label, jpeg_decoder)
     if isinstance(value, Image.Image):
         if not label:
             return np.array(value.convert("RGB"))

@@ -52,7 +52,7 @@ class SyntheticScenes(Dataset):
     ``id``.  ``regions`` region types per image (at most ``n_class``); ``hard``: see the module
     docstring (``texture`` is then unused)."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (conf/dataset/synthetic.yaml's keys)
         self,
         length: int = 8,
         resolution: int = 512,

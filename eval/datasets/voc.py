@@ -67,7 +67,7 @@ def context_labels(background: bool = False) -> tuple[np.ndarray, Sequence[str]]
     return context_lut(background), classes
 
 
-def _id_list_dataset(
+def _id_list_dataset(  # noqa: PLR0913 (the VOC-layout loaders' conf/dataset keys)
     name: str,
     base: Path,
     root: Path,
