@@ -32,7 +32,8 @@ import numpy as np
 
 from eval import contingency
 from eval.atomic import atomic_open, write_csv_atomic
-from eval.rescore import Rules, blank_nan, score
+from eval.rescore import blank_nan
+from eval.rules import Rules, score
 
 COLUMNS = ("id", "n_segments", "n_gt_classes")
 FILES = ("granularity.csv", "granularity.png")

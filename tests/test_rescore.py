@@ -16,7 +16,7 @@ from scipy.ndimage import binary_erosion
 from eval import contingency, granularity, paper
 from eval.matching import confusion_histogram, match_histogram, match_per_image
 from eval.protocol import Protocol, Scoring, merge_unmatched_into_background
-from eval.rescore import Rules, majority_counts, score
+from eval.rules import Rules, majority_counts, score
 from tests import fixtures as fx
 from tests.helpers import run_module
 

@@ -19,10 +19,10 @@ from eval import ledger as ledger_io
 from eval import paper, record
 from eval.columns import RESULT_COLUMNS
 from eval.protocol import Protocol
+from eval.sweeps import plot_sweep
 from eval.tables import (
     explain,
     main,
-    plot_sweep,
     read_ledger,
     render_tables,
     to_latex,
