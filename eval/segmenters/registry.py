@@ -51,25 +51,28 @@ class AttentionSettings(SegmenterSettings):
 
 @dataclass(frozen=True)
 class SegmenterSpec:
-    """One segmenter: its ``name`` (``segmenter.name``), settings ``schema`` and ``segment``."""
+    """One segmenter: its ``name`` (``segmenter.name``), settings ``schema`` and ``segment``;
+    ``features``: whether it reads DiffCut's UNet features (``DiffSegPipeline.unet_pass``)."""
 
     name: str
     schema: type
     segment: Segment
+    features: bool = False
 
 
 _SPECS: dict[str, SegmenterSpec] = {}
 
 
-def register(*names: str, schema: type) -> Callable[[Segment], Segment]:
-    """Decorator registering the segment function it wraps under ``names`` with ``schema``."""
+def register(*names: str, schema: type, features: bool = False) -> Callable[[Segment], Segment]:
+    """Decorator registering the segment function it wraps under ``names`` with ``schema``;
+    ``features``: it reads the UNet features of the pass (:class:`SegmenterSpec`)."""
 
     def add(segment: Segment) -> Segment:
         for name in names:
             old = _SPECS.get(name)
             if old is not None and old.segment.__qualname__ != segment.__qualname__:
                 raise ValueError(f"segmenter {name!r} is registered twice")
-            _SPECS[name] = SegmenterSpec(name, schema, segment)
+            _SPECS[name] = SegmenterSpec(name, schema, segment, features)
         return segment
 
     return add
