@@ -13,7 +13,7 @@ from diffseg.diffcut import diffcut_segment
 from diffseg.features import capture_features
 from diffseg.pipeline import DiffSegPipeline
 from eval import paper
-from eval.segmenters import segment_batch, segmenter_call, settings
+from eval.segmenters import segment_all, segment_batch, segmenter_call, settings
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,39 @@ def test_a_diffcut_run_targets_no_diffseg_cell() -> None:
     assert paper.target({**row, "segmenter": "diffseg"}).method.name == "DiffSeg"
     # DiffCut's rows are quoted (no SSD-1B model here): a diffcut run has no published cell.
     assert paper.target({**row, "segmenter": "diffcut"}) is None
+
+
+def _calls(**diffcut) -> list[dict]:
+    diffseg = {"name": "diffseg", "timestep": 300, "kl_threshold": [1.1] * 3, "num_points": 8}
+    kmeans = {"name": "kmeans_c", "timestep": 300, "n_clusters": 3, "seed": 7}
+    cut = {**OmegaConf.to_container(OmegaConf.load(CONFIG)), **diffcut}
+    return [segmenter_call(c, 64, seed=0) for c in (diffseg, kmeans, cut)]
+
+
+@pytest.mark.parametrize(
+    ("diffcut", "passes"),
+    [({}, 2), ({"timestep": 300, "noise": False}, 1)],
+    ids=["diffcut-own-pass", "one-pass"],
+)
+def test_one_pass_feeds_several_segmenters_their_labels_alone(pipe, images, diffcut, passes):
+    calls = _calls(**diffcut)
+    items = [{"id": "a"}, {"id": "b"}]
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        shared = segment_all(pipe, images, items, calls)
+        assert len(seen) == passes  # DiffSeg and K-means share theirs; DiffCut's when it is equal
+        alone = [segment_batch(pipe, images, items, call) for call in calls]
+    finally:
+        hook.remove()
+    assert len(seen) == passes + len(calls)
+    for a, b in zip(shared, alone, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+    # The seed is part of a noised pass's setting: another seed is another pass.
+    seen.clear()
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        segment_all(pipe, images, items, [calls[2], {**calls[2], "seed": 1}])
+    finally:
+        hook.remove()
+    assert len(seen) == (2 if calls[2]["noise"] else 1)

@@ -3,6 +3,7 @@ one module each, registered in ``eval.segmenters.registry``:
 
 - ``diffseg`` (``eval.segmenters.diffseg``): DiffSeg's merging.
 - ``kmeans_c`` / ``kmeans_s`` (``eval.segmenters.kmeans``): the paper's K-means baselines.
+- ``diffcut`` (``eval.segmenters.diffcut``): DiffCut's recursive normalised cut.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 from eval.segmenters.kmeans import GT, gt_class_counts, image_seed
 from eval.segmenters.registry import (
     SegmenterSettings,
+    SharedPass,
     get,
     names,
     register,
+    segment_all,
     segment_batch,
     segmenter_call,
     settings,
@@ -21,11 +24,13 @@ from eval.segmenters.registry import (
 __all__ = [
     "GT",
     "SegmenterSettings",
+    "SharedPass",
     "get",
     "gt_class_counts",
     "image_seed",
     "names",
     "register",
+    "segment_all",
     "segment_batch",
     "segmenter_call",
     "settings",
