@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from eval.segmenters.kmeans import GT, gt_class_counts, image_seed
 from eval.segmenters.registry import (
+    EXTRA_DIR,
     SegmenterSettings,
     SharedPass,
+    extra_segmenters,
     get,
     names,
     register,
@@ -22,9 +24,11 @@ from eval.segmenters.registry import (
 )
 
 __all__ = [
+    "EXTRA_DIR",
     "GT",
     "SegmenterSettings",
     "SharedPass",
+    "extra_segmenters",
     "get",
     "gt_class_counts",
     "image_seed",

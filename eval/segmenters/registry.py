@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from diffseg.segmenter import AttentionSegmenter, UNetPass
 from eval.schema import given, validate
@@ -124,6 +125,24 @@ def segmenter_call(segmenter: Mapping[str, Any], resolution: int, seed: int) -> 
     checked = _checked(segmenter)
     checked.check(resolution)
     return {"seed": seed, **given(checked, segmenter), "resolution": resolution}
+
+
+# Sub-folder of a run holding the folders of its `segmenters:` (one each, named by its key).
+EXTRA_DIR = "segmenters"
+
+
+def extra_segmenters(segmenters: Any) -> dict[str, dict[str, Any]]:
+    """``cfg.segmenters`` (key -> a segmenter config, each added with
+    ``+segmenter@segmenters.KEY=NAME``) as plain dicts; None or empty: none. The key names the
+    segmenter's sub-folder of the run, so it must be a plain file name."""
+    out = OmegaConf.to_container(segmenters, resolve=True) if segmenters else {}
+    for key, value in out.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(key)) or not isinstance(value, dict):
+            raise ValueError(
+                f"segmenters.{key}: each entry needs a plain name (letters, digits, _ . -) and a "
+                f"segmenter config; add one with +segmenter@segmenters.NAME=SEGMENTER, got {value!r}"
+            )
+    return out
 
 
 def segment_batch(
