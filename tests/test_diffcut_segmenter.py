@@ -3,6 +3,8 @@ captures DiffCut's features, the segment function, its settings and the publishe
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from diffseg.features import capture_features
 from diffseg.pipeline import DiffSegPipeline
 from eval import paper
 from eval.segmenters import segment_all, segment_batch, segmenter_call, settings
+from tests.helpers import run_module
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +110,30 @@ def test_one_pass_feeds_several_segmenters_their_labels_alone(pipe, images, diff
     finally:
         hook.remove()
     assert len(seen) == (2 if calls[2]["noise"] else 1)
+
+
+RUN = ("dataset=synthetic", "model=tiny", "dataset.resolution=64", "limit=2", "logger=csv")
+RUN += ("num_workers=0",)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "per_image.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+
+def test_one_run_names_three_segmenters_each_row_as_its_run_alone(tmp_path: Path) -> None:
+    extras = ("segmenter.num_points=8", "+segmenter@segmenters.kc=kmeans_c")
+    extras += ("+segmenter@segmenters.cut=diffcut",)
+    multi = run_module("eval", tmp_path, *RUN, *extras, "segmenters.cut.tau=0.7", "hydra.run.dir=m")
+    assert multi.returncode == 0, multi.stderr
+    rows = list(csv.DictReader((tmp_path / "outputs" / "ledger.csv").open()))
+    assert [r["segmenter"] for r in rows] == ["diffseg", "kmeans_c", "diffcut"]
+    assert len({r["run_id"] for r in rows}) == 3
+    assert json.loads(rows[2]["segmenter_settings"])["tau"] == 0.7
+    # DiffCut on its own (its pass differs from the others'; test_one_pass_... checks the
+    # labels of all three in process): the same records.
+    one = run_module(
+        "eval", tmp_path, *RUN, "segmenter=diffcut", "segmenter.tau=0.7", "hydra.run.dir=a"
+    )
+    assert one.returncode == 0, one.stderr
+    assert _records(tmp_path / "m" / "segmenters" / "cut") == _records(tmp_path / "a")
