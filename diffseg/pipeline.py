@@ -33,12 +33,13 @@ from diffseg.attention import (
     self_attention_layers,
 )
 from diffseg.devices import resolve_device, resolve_dtype
+from diffseg.features import capture_features
 from diffseg.loading import PROMPT_EMBEDS_FILE, check_folder, load_prompt_embeds, model_folder
 from diffseg.models import build_tiny
 from diffseg.preprocess import to_model_input
-from diffseg.segmenter import AttentionSegmenter, DiffSegOutput
+from diffseg.segmenter import AttentionSegmenter, DiffSegOutput, UNetPass
 
-__all__ = ["DiffSegOutput", "DiffSegPipeline", "resolve_device", "resolve_dtype"]
+__all__ = ["DiffSegOutput", "DiffSegPipeline", "UNetPass", "resolve_device", "resolve_dtype"]
 
 
 class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
@@ -293,6 +294,25 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         self.check_resolution(resolution)
         latents = self.encode_images(self.preprocess(images, resolution))
         return self.capture_attention(latents, timestep, prompt, noise, seed)
+
+    def unet_pass(
+        self,
+        images: torch.Tensor | Sequence[Image.Image],
+        timestep: int = 300,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+        features: bool = True,
+    ) -> UNetPass:
+        """`attention` (same arguments), with DiffCut's UNet features `(B, C, h, w)` captured in
+        the same pass when `features` (`diffseg.features.capture_features`: forward hooks that
+        change no computation, so the attention is the same as without them)."""
+        if not features:
+            return UNetPass(self.attention(images, timestep, resolution, prompt, noise, seed))
+        with capture_features(self.unet) as store:
+            attention = self.attention(images, timestep, resolution, prompt, noise, seed)
+        return UNetPass(attention, store.features)
 
     def __repr__(self) -> str:
         config: dict[str, Any] = dict(self.unet.config)

@@ -38,6 +38,19 @@ class DiffSegOutput:
     proposals: list[torch.Tensor]
 
 
+@dataclass
+class UNetPass:
+    """What one UNet pass of a batch gives the segmenters.
+
+    attention: resolution `r` (largest first) -> block- and head-averaged self-attention
+    `(B, r*r, r*r)`. features: DiffCut's UNet features `(B, C, h, w)` (`diffseg.features`), None
+    when not captured.
+    """
+
+    attention: dict[int, torch.Tensor]
+    features: torch.Tensor | None = None
+
+
 class AttentionSegmenter:
     """Segments images from their attention: a subclass provides
 

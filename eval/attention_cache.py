@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
-from diffseg.segmenter import AttentionSegmenter
+from diffseg.segmenter import AttentionSegmenter, UNetPass
 from eval.atomic import atomic_open
 
 CACHE_VERSION = 1
@@ -121,7 +121,7 @@ def bytes_per_image(pipeline: Any, resolution: int, dtype: str) -> int:
 class CachedAttentionPipeline(AttentionSegmenter):
     """A ``DiffSegPipeline`` whose attention comes from an :class:`AttentionCache` when stored.
 
-    Only ``attention`` is its own; ``__call__`` and ``aggregate`` (``AttentionSegmenter``'s, as
+    Only ``attention`` and ``unet_pass`` are its own; ``__call__`` and ``aggregate`` (``AttentionSegmenter``'s, as
     the pipeline's) run on the (stored-precision) attention it returns; every other attribute is
     the pipeline's.
     """
@@ -178,6 +178,25 @@ class CachedAttentionPipeline(AttentionSegmenter):
         return {
             r: torch.stack([s[r] for s in stored]).to(device, torch.float32) for r in resolutions
         }
+
+    def unet_pass(
+        self,
+        images: torch.Tensor,
+        timestep: int = 300,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+        features: bool = True,
+    ) -> UNetPass:
+        """``attention`` as a ``UNetPass``; the cache stores no UNet features, so ``features``
+        is refused (without this method the pipeline's own would bypass the cache)."""
+        if features:
+            raise ValueError(
+                "the attention cache stores no UNet features, which segmenter=diffcut reads: "
+                "run it with cache.attention=false"
+            )
+        return UNetPass(self.attention(images, timestep, resolution, prompt, noise, seed))
 
 
 def from_config(

@@ -10,7 +10,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from eval.matching import match_per_image
 from eval.metrics import HungarianIoU, scores_from_counts
 from eval.protocol import Scoring
 from eval.runtime import RunError
-from eval.segmenters import segment_batch
+from eval.segmenters import segment_all
 
 
 class IndexedItems(Dataset):
@@ -156,18 +156,20 @@ def predict(
     pipeline: Any,
     items: Sequence[Mapping[str, Any]],
     device: torch.device,
-    call: dict,
+    calls: Sequence[Mapping[str, Any]],
     batch_size: int,
     images: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """``(H, W)`` labels for each item: one batched call on ``images`` (the items' images stacked,
-    as ``collate`` makes them), or one call per image when there is no stack (sizes differ).
+) -> list[list[torch.Tensor]]:
+    """Per call (segmenter), ``(H, W)`` labels for each item, all calls on one UNet pass per pass
+    setting (``segment_all``): one batched pass on ``images`` (the items' images stacked, as
+    ``collate`` makes them), or one per image when there is no stack (sizes differ).
     Images stay on the CPU: the pipeline's preprocessing moves them to ``device`` (non-blocking
     from pinned memory), after the attention cache has hashed them where they are."""
     try:
         if images is not None:
-            return list(segment_batch(pipeline, images, items, call).cpu())
-        return [segment_batch(pipeline, it["image"][None], [it], call)[0].cpu() for it in items]
+            return [list(x.cpu()) for x in segment_all(pipeline, images, items, calls)]
+        per_image = [segment_all(pipeline, it["image"][None], [it], calls) for it in items]
+        return [[labels[k][0].cpu() for labels in per_image] for k in range(len(calls))]
     except torch.OutOfMemoryError as e:
         lower = (
             f"lower it, e.g. batch_size={max(1, batch_size // 2)}"
@@ -181,23 +183,36 @@ def predict(
 
 
 @dataclass
+class Track:
+    """One segmenter of the run: its call settings, its folder (per-image log, predictions,
+    contingency tables, pictures), its metric and the records of its finished images."""
+
+    call: dict
+    run_dir: Path
+    metric: HungarianIoU
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class Loop:
-    """The loop's context: the run's config, its data, model, segmenter call, metric and logger;
-    ``score`` is the protocol's scoring step (eval/protocol.py: size, background, PAMR)."""
+    """The loop's context: the run's config, its data, model, segmenters (``tracks``: the run's
+    own first, then those of ``segmenters:``, all fed by one UNet pass per batch and pass
+    setting) and logger; ``score`` is the protocol's scoring step (eval/protocol.py: size,
+    background, PAMR)."""
 
     cfg: DictConfig
     dataset: Dataset
     pipeline: Any
     device: torch.device
-    call: dict
-    metric: HungarianIoU
+    tracks: list[Track]
     logger: Any
     rank: distributed.Rank = distributed.SINGLE
     score: Scoring | None = None
 
-    def run(self, todo: Sequence[int], records: dict[int, dict[str, Any]]) -> None:
-        """Evaluate the images ``todo``, adding their records to ``records`` and the metric."""
-        cfg, rank = self.cfg, self.rank
+    def run(self, todo: Sequence[int]) -> None:
+        """Evaluate the images ``todo`` (those some track has not finished), adding their
+        records to each track's ``records`` and metric; the bar shows the first track's."""
+        cfg, rank, main = self.cfg, self.rank, self.tracks[0]
         loader = DataLoader(
             IndexedItems(self.dataset, todo),
             batch_size=cfg.batch_size,
@@ -205,14 +220,16 @@ class Loop:
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
         )
-        appender = JsonlAppender(distributed.records_file(Path(cfg.paths.output_dir), rank.rank))
+        appenders = [
+            JsonlAppender(distributed.records_file(t.run_dir, rank.rank)) for t in self.tracks
+        ]
         # Under torchrun only rank 0 shows a bar, for its own share (and the running metrics).
         desc = str(cfg.dataset.name) + (
             f" (rank 0 of {rank.world_size})" if rank.distributed else ""
         )
         bar = tqdm(
-            total=len(records) + len(todo),
-            initial=len(records),
+            total=len(main.records) + len(todo),
+            initial=len(main.records),
             desc=desc,
             unit="img",
             disable=not rank.is_main,
@@ -220,59 +237,85 @@ class Loop:
         try:
             start = time.perf_counter()
             for batch in loader:
-                new = self.batch(batch, start)
-                appender.append(new)
-                records.update({r["index"]: r for r in new})
-                running = running_scores(self.metric)
+                news = self.batch(batch, start)
+                for track, appender, new in zip(self.tracks, appenders, news, strict=True):
+                    appender.append(new)
+                    track.records.update({r["index"]: r for r in new})
+                running = running_scores(main.metric)
                 bar.set_postfix(
                     acc=f"{running['pixel_accuracy']:.3f}", miou=f"{running['miou']:.3f}"
                 )
-                bar.update(len(new))
-                self.logger.log_running(len(records), running)
+                bar.update(len(batch["index"]) + len(batch["skipped"]))
+                self.logger.log_running(len(main.records), running)
                 start = time.perf_counter()
         finally:
             bar.close()
-            appender.close()
+            for appender in appenders:
+                appender.close()
 
-    def batch(self, batch: dict[str, Any], start: float) -> list[dict[str, Any]]:
-        """The records of one ``collate`` batch (skipped items included); the metric adds the
-        scored ones. ``start``: when the batch began loading (for the per-image time)."""
+    def batch(self, batch: dict[str, Any], start: float) -> list[list[dict[str, Any]]]:
+        """Per track, the new records of one ``collate`` batch (skipped items included; images
+        the track has finished, on a resume, left out); each track's metric adds its scored ones.
+        ``start``: when the batch began loading (for the per-image time)."""
         if batch["error"] is not None:
             raise batch["error"]
         restore_images(batch)
-        cfg, dataset, run_dir = self.cfg, self.dataset, Path(self.cfg.paths.output_dir)
-        new = [{"index": i, "skipped": True, "id": item_id(dataset, i)} for i in batch["skipped"]]
+        dataset = self.dataset
+        skipped = [
+            {"index": i, "skipped": True, "id": item_id(dataset, i)} for i in batch["skipped"]
+        ]
+        news = [[r for r in skipped if r["index"] not in t.records] for t in self.tracks]
         if not batch["items"]:
-            return new
-        items = batch["items"]
+            return news
+        calls = [t.call for t in self.tracks]
         preds = predict(
-            self.pipeline, items, self.device, self.call, cfg.batch_size, batch["images"]
+            self.pipeline, batch["items"], self.device, calls, self.cfg.batch_size, batch["images"]
         )
-        preds = [to_label_size(p, it["label"]) for p, it in zip(preds, items, strict=True)]
+        # Wall time per image with data loading, every segmenter and the scoring, without the
+        # pictures (all segmenters share the UNet pass, so it is not split between them).
+        scored = [self.score_track(t, batch, p) for t, p in zip(self.tracks, preds, strict=True)]
+        seconds = (time.perf_counter() - start) / len(batch["items"])
+        for track, new, records in zip(self.tracks, news, scored, strict=True):
+            for index, item, pred, rec in records:
+                rec["seconds"] = seconds
+                if index < self.cfg.n_qualitative:
+                    save_qualitative(index, item, pred, dataset.class_names, track.run_dir)
+                track.metric.update(counts=rec)  # the counts the matching just made
+                new.append(rec)
+        return news
+
+    def score_track(
+        self, track: Track, batch: dict[str, Any], preds: list[torch.Tensor]
+    ) -> list[tuple[int, dict[str, Any], torch.Tensor, dict[str, Any]]]:
+        """``(index, item, prediction, record)`` of the batch's images ``track`` has not
+        finished: scored (protocol, matching), prediction and contingency tables written."""
+        todo = [
+            (i, it, p)
+            for i, it, p in zip(batch["index"], batch["items"], preds, strict=True)
+            if i not in track.records
+        ]
+        if not todo:
+            return []
+        index = [i for i, _, _ in todo]
+        items = [it for _, it, _ in todo]
+        preds = [to_label_size(p, it["label"]) for _, it, p in todo]
         if self.score is not None:
             items, preds = self.score.batch(items, preds)
         match = (
             self.score.match
             if self.score is not None
-            else partial(match_per_image, n_class=dataset.n_class)
+            else partial(match_per_image, n_class=self.dataset.n_class)
         )
-        scored = [
-            score_item(i, item, pred, match, run_dir, cfg.save_predictions)
-            for i, item, pred in zip(batch["index"], items, preds, strict=True)
+        records = [
+            score_item(i, item, pred, match, track.run_dir, self.cfg.save_predictions)
+            for i, item, pred in zip(index, items, preds, strict=True)
         ]
         # Stored before the records name it: what eval.rescore and the granularity read.
         tables = {
-            i: contingency.image_table(pred, item["label"], dataset.n_class)
-            for i, item, pred in zip(batch["index"], items, preds, strict=True)
+            i: contingency.image_table(pred, item["label"], self.dataset.n_class)
+            for i, item, pred in zip(index, items, preds, strict=True)
         }
-        part = contingency.write_part(run_dir, self.rank.rank, tables)
-        for rec in scored:
+        part = contingency.write_part(track.run_dir, self.rank.rank, tables)
+        for rec in records:
             rec["contingency"] = part
-        # Wall time per image with data loading and scoring, without the pictures.
-        seconds = (time.perf_counter() - start) / len(scored)
-        for index, item, pred, rec in zip(batch["index"], items, preds, scored, strict=True):
-            rec["seconds"] = seconds
-            if index < cfg.n_qualitative:
-                save_qualitative(index, item, pred, dataset.class_names, run_dir)
-            self.metric.update(counts=rec)  # the counts the matching just made
-        return new + scored
+        return list(zip(index, items, preds, records, strict=True))

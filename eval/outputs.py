@@ -124,9 +124,9 @@ def finish(
     logger: Any,
     run: Mapping[str, Any],
 ) -> Outputs:
-    """Write the run's tables and pictures and the logger's final record; ``run`` as for
-    :func:`results_row`."""
-    run_dir = Path(cfg.paths.output_dir)
+    """Write the run's tables and pictures (in ``run["run_dir"]``) and the logger's final
+    record; ``run`` as for :func:`results_row`."""
+    run_dir = Path(run["run_dir"])
     skipped_ids = [
         *getattr(dataset, "skipped_ids", []),
         *(records[i]["id"] for i in sorted(records) if records[i].get("skipped")),

@@ -21,14 +21,14 @@ from torch.utils.data import Dataset
 from eval import attention_cache, distributed, record
 from eval.jobs import set_status
 from eval.loggers import RunInfo
-from eval.loop import Loop
+from eval.loop import Loop, Track
 from eval.metrics import HungarianIoU
 from eval.model import load_model
 from eval.outputs import Outputs, append_to_ledger, finish, print_summary
 from eval.protocol import Protocol, ProtocolData, check_dataset, check_resolution_pair, scoring
 from eval.runtime import RunError, resolve_device, seed_everything
 from eval.schema import check_run
-from eval.segmenters import segmenter_call
+from eval.segmenters import EXTRA_DIR, extra_segmenters, segmenter_call
 from eval.state import check_writable, open_run
 
 
@@ -72,9 +72,15 @@ def make_logger(cfg: DictConfig, resolved: dict, run_id: str, rank: distributed.
 
 
 def run_settings(
-    cfg: DictConfig, protocol: Protocol, resolution: int, device: torch.device, dataset: Dataset
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The resolved config and the ledger's setting columns (``eval.record.settings``)."""
+    cfg: DictConfig,
+    protocol: Protocol,
+    resolution: int,
+    device: torch.device,
+    dataset: Dataset,
+    segmenters: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The resolved config and, per segmenter config of ``segmenters`` (the run's own first), the
+    ledger's setting columns (``eval.record.settings``)."""
     from hydra.core.hydra_config import HydraConfig
 
     choices = HydraConfig.get().runtime.choices
@@ -82,12 +88,35 @@ def run_settings(
     resolved["experiment"] = cfg.experiment or choices.get("experiment") or ""
     model = choices.get("model") or "custom"
     split_size = getattr(dataset, "split_size", None)
-    return resolved, record.settings(resolved, model, protocol, resolution, device, split_size)
+    return resolved, [
+        record.settings(
+            {**resolved, "segmenter": segmenter}, model, protocol, resolution, device, split_size
+        )
+        for segmenter in segmenters
+    ]
+
+
+def make_tracks(
+    calls: list[dict[str, Any]], dirs: list[Path], records: list[dict], n_class: int
+) -> list[Track]:
+    """One track per segmenter, its metric holding the counts of its finished images (running
+    values stay per process; the states are reduced once, after the loop)."""
+    tracks = []
+    for call, folder, done in zip(calls, dirs, records, strict=True):
+        metric = HungarianIoU(n_class, sync_on_compute=False)
+        for rec in done.values():
+            if not rec.get("skipped"):
+                metric.update(counts=rec)
+        tracks.append(Track(call, folder, metric, done))
+    return tracks
 
 
 def evaluate(cfg: DictConfig) -> Outputs | None:
     """Run the evaluation that ``cfg`` (the composed ``conf/config.yaml``) describes; rank 0
-    returns the outputs, the other ranks of a torchrun None."""
+    returns the outputs (of the run's own segmenter), the other ranks of a torchrun None.
+
+    The segmenters of ``segmenters:`` (``eval.segmenters.extra_segmenters``) are scored on the
+    same UNet passes, each in its sub-folder with its own outputs and ledger row."""
     check_run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     check_writable(run_dir, Path(cfg.paths.ledger))
@@ -98,43 +127,58 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     # Settings checked before the data and the model load.
     resolution = protocol.input_resolution or cfg.dataset.get("resolution") or 512
     check_resolution_pair(protocol, resolution)
-    call = segmenter_call(OmegaConf.to_container(cfg.segmenter, resolve=True), resolution, cfg.seed)
+    extras = extra_segmenters(cfg.get("segmenters"))
+    segmenters = [OmegaConf.to_container(cfg.segmenter, resolve=True), *extras.values()]
+    calls = [segmenter_call(s, resolution, cfg.seed) for s in segmenters]
+    dirs = [run_dir, *(run_dir / EXTRA_DIR / key for key in extras)]
+    for folder in dirs[1:]:
+        folder.mkdir(parents=True, exist_ok=True)
     dataset = load_data(cfg, protocol)
     n_total = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
-    run_id, records, todo = open_run(cfg, device, n_total, rank)
-    resolved, settings = run_settings(cfg, protocol, resolution, device, dataset)
+    run_id, records, todo = open_run(cfg, device, n_total, rank, dirs)
+    resolved, settings = run_settings(cfg, protocol, resolution, device, dataset, segmenters)
     pipeline = load_pipeline(cfg, device, resolution, len(todo))
-    # Running values stay per process; the states are reduced once, after the loop.
-    metric = HungarianIoU(dataset.n_class, sync_on_compute=False)
-    for rec in records.values():
-        if not rec.get("skipped"):
-            metric.update(counts=rec)
+    tracks = make_tracks(calls, dirs, records, dataset.n_class)
     logger = make_logger(cfg, resolved, run_id, rank)
-    loop = Loop(cfg, dataset, pipeline, device, call, metric, logger, rank)
+    loop = Loop(cfg, dataset, pipeline, device, tracks, logger, rank)
     loop.score = scoring(protocol, dataset, cfg.dataset.name)
+    run_ids = [run_id, *(f"{run_id}-{key}" for key in extras)]
     try:
         if todo:
-            loop.run(todo, records)
+            loop.run(todo)
             if isinstance(pipeline, attention_cache.CachedAttentionPipeline):
                 prefix = f"rank {rank.rank}: " if rank.distributed else ""
                 print(prefix + pipeline.cache.summary())
-        if rank.distributed and not distributed.gather_on_main(records, metric, run_dir, rank):
+        if rank.distributed and not all(
+            [distributed.gather_on_main(t.records, t.metric, t.run_dir, rank) for t in tracks]
+        ):
             logger.finish()
             return None
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        run = {
-            "run_id": run_id,
-            **settings,
-            "device": device_name,
-            "run_dir": str(run_dir.resolve()),
-        }
-        outputs = finish(cfg, dataset, records, metric, logger, run)
+        outputs = [
+            finish(
+                cfg,
+                dataset,
+                track.records,
+                track.metric,
+                logger if k == 0 else distributed.NullLogger(),
+                {
+                    "run_id": rid,
+                    **setting,
+                    "device": device_name,
+                    "run_dir": str(track.run_dir.resolve()),
+                },
+            )
+            for k, (track, rid, setting) in enumerate(zip(tracks, run_ids, settings, strict=True))
+        ]
     except BaseException:
         logger.finish(exit_code=1)
         raise
     logger.finish()
     # Last, so that a run failing anywhere before leaves no row.
-    append_to_ledger(outputs)
+    for out in outputs:
+        append_to_ledger(out)
     set_status(run_dir, "finished")
-    print_summary(outputs, cfg.save_predictions)
-    return outputs
+    for out in outputs:
+        print_summary(out, cfg.save_predictions)
+    return outputs[0]

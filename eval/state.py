@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from eval.atomic import read_json_or_none, write_json_atomic, write_text_atomic
 from eval.jobs import set_status
 from eval.runtime import RunError
 from eval.schema import NOT_SETTINGS
+from eval.segmenters import extra_segmenters
 from eval.segmenters import settings as segmenter_settings
 
 # Settings that change the numbers: a resumed run must have the same ones, and the same dataset
@@ -60,6 +62,9 @@ def pinned(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     }
     # The segmenter's normalised settings (a scalar KL threshold is [k, k, k]), as recorded.
     out["segmenter"] = segmenter_settings(OmegaConf.to_container(cfg.segmenter, resolve=True))
+    extras = extra_segmenters(cfg.get("segmenters"))
+    if extras:  # absent without, as before
+        out["segmenters"] = {k: segmenter_settings(v) for k, v in extras.items()}
     out["dataset"] = {
         k: v
         for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
@@ -111,22 +116,30 @@ def open_run_state(
 
 
 def open_run(
-    cfg: DictConfig, device: torch.device, n_total: int, rank: distributed.Rank
-) -> tuple[str, dict[int, dict[str, Any]], list[int]]:
-    """The run's id, the records of its finished images (rank 0; other ranks: none) and this
-    rank's share of the images still to do.
+    cfg: DictConfig,
+    device: torch.device,
+    n_total: int,
+    rank: distributed.Rank,
+    dirs: Sequence[Path] | None = None,
+) -> tuple[str, list[dict[int, dict[str, Any]]], list[int]]:
+    """The run's id, per segmenter folder of ``dirs`` (default: the run folder alone; the run's
+    own first) the records of its finished images (rank 0; other ranks: none), and this rank's
+    share of the images some segmenter has still to do.
 
     Rank 0 reads (and repairs) the per-image logs before any rank appends, so all ranks split the
     same list of images still to do.
     """
     run_dir = Path(cfg.paths.output_dir)
+    dirs = [run_dir] if dirs is None else list(dirs)
 
-    def open_on_main() -> tuple[str, dict[int, dict[str, Any]]]:
+    def open_on_main() -> tuple[str, list[dict[int, dict[str, Any]]]]:
         run_id = open_run_state(run_dir, pinned(cfg, device), cfg)["run_id"]
-        return run_id, distributed.read_records(run_dir, n_total)
+        return run_id, [distributed.read_records(d, n_total) for d in dirs]
 
     run_id, records = distributed.on_main(open_on_main, rank)
     todo = distributed.shard(
-        [i for i in range(n_total) if i not in records], rank.rank, rank.world_size
+        [i for i in range(n_total) if any(i not in done for done in records)],
+        rank.rank,
+        rank.world_size,
     )
-    return run_id, records if rank.is_main else {}, todo
+    return run_id, records if rank.is_main else [{} for _ in dirs], todo

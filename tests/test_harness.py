@@ -347,9 +347,9 @@ def test_out_of_gpu_memory_names_the_batch_size_to_use() -> None:
     with pytest.raises(
         RunError, match=r"batch_size=8; lower it, e.g. batch_size=4.*hydra\.run\.dir"
     ):
-        predict(pipeline, items, torch.device("cpu"), {}, batch_size=8)
+        predict(pipeline, items, torch.device("cpu"), [{}], batch_size=8)
     with pytest.raises(RunError, match="already 1"):
-        predict(pipeline, items[:1], torch.device("cpu"), {}, batch_size=1)
+        predict(pipeline, items[:1], torch.device("cpu"), [{}], batch_size=1)
 
 
 def test_run_state_pins_settings(tmp_path: Path) -> None:
@@ -479,8 +479,8 @@ def test_predict_batched_on_the_stack_equals_one_call_per_image() -> None:
 
     items = [{"image": torch.rand(3, 8, 8)} for _ in range(3)]
     stacked = collate([(i, dict(item)) for i, item in enumerate(items)])["images"]
-    batched = predict(pipeline, items, torch.device("cpu"), {}, 3, stacked)
-    single = predict(pipeline, items, torch.device("cpu"), {}, 3)
+    batched = predict(pipeline, items, torch.device("cpu"), [{}], 3, stacked)[0]
+    single = predict(pipeline, items, torch.device("cpu"), [{}], 3)[0]
     assert calls == [3, 1, 1, 1]
     assert all(torch.equal(x, y) for x, y in zip(batched, single, strict=True))
 

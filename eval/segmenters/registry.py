@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from diffseg.segmenter import AttentionSegmenter, UNetPass
 from eval.schema import given, validate
 
 # (pipeline, images (B, 3, H, W), the batch's dataset items, call settings) -> labels (B, R, R).
@@ -51,25 +53,28 @@ class AttentionSettings(SegmenterSettings):
 
 @dataclass(frozen=True)
 class SegmenterSpec:
-    """One segmenter: its ``name`` (``segmenter.name``), settings ``schema`` and ``segment``."""
+    """One segmenter: its ``name`` (``segmenter.name``), settings ``schema`` and ``segment``;
+    ``features``: whether it reads DiffCut's UNet features (``DiffSegPipeline.unet_pass``)."""
 
     name: str
     schema: type
     segment: Segment
+    features: bool = False
 
 
 _SPECS: dict[str, SegmenterSpec] = {}
 
 
-def register(*names: str, schema: type) -> Callable[[Segment], Segment]:
-    """Decorator registering the segment function it wraps under ``names`` with ``schema``."""
+def register(*names: str, schema: type, features: bool = False) -> Callable[[Segment], Segment]:
+    """Decorator registering the segment function it wraps under ``names`` with ``schema``;
+    ``features``: it reads the UNet features of the pass (:class:`SegmenterSpec`)."""
 
     def add(segment: Segment) -> Segment:
         for name in names:
             old = _SPECS.get(name)
             if old is not None and old.segment.__qualname__ != segment.__qualname__:
                 raise ValueError(f"segmenter {name!r} is registered twice")
-            _SPECS[name] = SegmenterSpec(name, schema, segment)
+            _SPECS[name] = SegmenterSpec(name, schema, segment, features)
         return segment
 
     return add
@@ -122,6 +127,24 @@ def segmenter_call(segmenter: Mapping[str, Any], resolution: int, seed: int) -> 
     return {"seed": seed, **given(checked, segmenter), "resolution": resolution}
 
 
+# Sub-folder of a run holding the folders of its `segmenters:` (one each, named by its key).
+EXTRA_DIR = "segmenters"
+
+
+def extra_segmenters(segmenters: Any) -> dict[str, dict[str, Any]]:
+    """``cfg.segmenters`` (key -> a segmenter config, each added with
+    ``+segmenter@segmenters.KEY=NAME``) as plain dicts; None or empty: none. The key names the
+    segmenter's sub-folder of the run, so it must be a plain file name."""
+    out = OmegaConf.to_container(segmenters, resolve=True) if segmenters else {}
+    for key, value in out.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(key)) or not isinstance(value, dict):
+            raise ValueError(
+                f"segmenters.{key}: each entry needs a plain name (letters, digits, _ . -) and a "
+                f"segmenter config; add one with +segmenter@segmenters.NAME=SEGMENTER, got {value!r}"
+            )
+    return out
+
+
 def segment_batch(
     pipeline: Any,
     images: torch.Tensor,
@@ -134,3 +157,74 @@ def segment_batch(
     take ground-truth counts). A ``call`` without ``name`` is DiffSeg's.
     """
     return get(call.get("name", "diffseg")).segment(pipeline, images, items, call)
+
+
+class SharedPass(AttentionSegmenter):
+    """A pipeline whose UNet passes are computed once per images and pass setting and then
+    reused, for several segmenters on one batch; every other attribute is the pipeline's.
+
+    ``features``: capture DiffCut's features in every pass (when any of the segmenters reads
+    them; off otherwise, so DiffSeg's pass stays hook-free, e.g. for a compiled UNet). The seed
+    is part of the setting only with noise (without, the pass does not use it). Segmenting the
+    reused pass gives the labels of a pass of one's own: a pass depends on nothing but its
+    setting and the images. Keep one per batch: the memo holds its passes.
+    """
+
+    def __init__(self, pipeline: Any, features: bool = False) -> None:
+        self.pipeline = pipeline
+        self.features = features
+        self.passes: dict[tuple, UNetPass] = {}
+        self.images: list[Any] = []  # held, so that their ids in the keys stay theirs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+    def unet_pass(
+        self,
+        images: Any,
+        timestep: int = 300,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+        features: bool = True,
+    ) -> UNetPass:
+        """The pipeline's ``unet_pass``, computed on the first request for these images and
+        setting; a request for features the memo's passes lack is an error (set ``features``)."""
+        if features and not self.features:
+            raise ValueError("SharedPass(features=False) was asked for the UNet features")
+        key = (id(images), int(timestep), resolution, prompt, bool(noise), seed if noise else None)
+        if key not in self.passes:
+            self.images.append(images)
+            self.passes[key] = self.pipeline.unet_pass(
+                images, timestep, resolution, prompt, noise, seed, features=self.features
+            )
+        return self.passes[key]
+
+    def attention(
+        self,
+        images: Any,
+        timestep: int = 300,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+    ) -> dict[int, torch.Tensor]:
+        """The attention of :meth:`unet_pass` (what ``aggregate`` and ``__call__`` read)."""
+        return self.unet_pass(images, timestep, resolution, prompt, noise, seed, False).attention
+
+
+def segment_all(
+    pipeline: Any,
+    images: torch.Tensor,
+    items: Sequence[Mapping[str, Any]],
+    calls: Sequence[Mapping[str, Any]],
+) -> list[torch.Tensor]:
+    """Labels ``(B, R, R)`` of each call (:func:`segment_batch`), from one UNet pass per pass
+    setting (timestep, resolution, prompt, noise, seed with noise) shared by the calls that have
+    it (:class:`SharedPass`)."""
+    if len(calls) == 1:
+        return [segment_batch(pipeline, images, items, calls[0])]
+    features = any(get(call.get("name", "diffseg")).features for call in calls)
+    shared = SharedPass(pipeline, features)
+    return [segment_batch(shared, images, items, call) for call in calls]

@@ -1,0 +1,139 @@
+"""``segmenter=diffcut`` (eval/segmenters/diffcut.py) on the tiny model: the UNet pass that also
+captures DiffCut's features, the segment function, its settings and the published cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from diffseg.diffcut import diffcut_segment
+from diffseg.features import capture_features
+from diffseg.pipeline import DiffSegPipeline
+from eval import paper
+from eval.segmenters import segment_all, segment_batch, segmenter_call, settings
+from tests.helpers import run_module
+
+
+@pytest.fixture(scope="module")
+def pipe() -> DiffSegPipeline:
+    return DiffSegPipeline.from_tiny(seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+CONFIG = Path(__file__).parents[1] / "conf" / "segmenter" / "diffcut.yaml"
+PASS = {"timestep": 50, "resolution": 64, "prompt": "", "noise": True, "seed": 42}
+
+
+def test_unet_pass_captures_features_without_changing_the_attention(pipe, images) -> None:
+    out = pipe.unet_pass(images, **PASS)
+    plain = pipe.attention(images, **PASS)
+    assert list(out.attention) == list(plain)
+    assert all(torch.equal(out.attention[r], plain[r]) for r in plain)
+    # The features of the last encoder self-attention layer, by the capture used on its own.
+    latents = pipe.encode_images(pipe.preprocess(images, 64))
+    with capture_features(pipe.unet) as store:
+        pipe.capture_attention(latents, 50, "", True, 42)
+    assert out.features.shape == store.features.shape and out.features.shape[0] == 2
+    assert torch.equal(out.features, store.features)
+    assert pipe.unet_pass(images, **PASS, features=False).features is None
+
+
+def test_diffcut_segmenter_labels_are_diffcut_on_the_pass_features(pipe, images) -> None:
+    config = {**OmegaConf.to_container(OmegaConf.load(CONFIG)), "tau": 0.9, "alpha": 5.0}
+    call = segmenter_call(config, 64, seed=0)
+    # DiffCut's pass (its code's seed 42, not the run's): conf/segmenter/diffcut.yaml.
+    assert {k: call[k] for k in PASS} == PASS
+    labels = segment_batch(pipe, images, [{"id": "a"}, {"id": "b"}], call)
+    features = pipe.unet_pass(images, **PASS).features
+    assert labels.shape == (2, 64, 64) and labels.device.type == "cpu"
+    assert torch.equal(labels, diffcut_segment(features, 64, alpha=5.0, tau=0.9))
+    # tau decides the number of segments: a tiny tau never splits.
+    low = segment_batch(pipe, images, [{"id": "a"}, {"id": "b"}], {**call, "tau": 1e-9})
+    assert all(len(x.unique()) == 1 for x in low)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("tau", 0), ("alpha", -1.0), ("tau", float("nan")), ("bogus", 1)]
+)
+def test_diffcut_settings_refuse_bad_values_naming_the_key(key, value) -> None:
+    with pytest.raises(ValueError, match=f"segmenter.{key}|{key}"):
+        settings({"name": "diffcut", key: value})
+
+
+def test_a_diffcut_run_targets_no_diffseg_cell() -> None:
+    row = {"protocol": "diffcut", "protocol_settings": {"compat": False}, "dataset": "voc"}
+    assert paper.target({**row, "segmenter": "diffseg"}).method.name == "DiffSeg"
+    # DiffCut's rows are quoted (no SSD-1B model here): a diffcut run has no published cell.
+    assert paper.target({**row, "segmenter": "diffcut"}) is None
+
+
+def _calls(**diffcut) -> list[dict]:
+    diffseg = {"name": "diffseg", "timestep": 300, "kl_threshold": [1.1] * 3, "num_points": 8}
+    kmeans = {"name": "kmeans_c", "timestep": 300, "n_clusters": 3, "seed": 7}
+    cut = {**OmegaConf.to_container(OmegaConf.load(CONFIG)), **diffcut}
+    return [segmenter_call(c, 64, seed=0) for c in (diffseg, kmeans, cut)]
+
+
+@pytest.mark.parametrize(
+    ("diffcut", "passes"),
+    [({}, 2), ({"timestep": 300, "noise": False}, 1)],
+    ids=["diffcut-own-pass", "one-pass"],
+)
+def test_one_pass_feeds_several_segmenters_their_labels_alone(pipe, images, diffcut, passes):
+    calls = _calls(**diffcut)
+    items = [{"id": "a"}, {"id": "b"}]
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        shared = segment_all(pipe, images, items, calls)
+        assert len(seen) == passes  # DiffSeg and K-means share theirs; DiffCut's when it is equal
+        alone = [segment_batch(pipe, images, items, call) for call in calls]
+    finally:
+        hook.remove()
+    assert len(seen) == passes + len(calls)
+    for a, b in zip(shared, alone, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+    # The seed is part of a noised pass's setting: another seed is another pass.
+    seen.clear()
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        segment_all(pipe, images, items, [calls[2], {**calls[2], "seed": 1}])
+    finally:
+        hook.remove()
+    assert len(seen) == (2 if calls[2]["noise"] else 1)
+
+
+RUN = ("dataset=synthetic", "model=tiny", "dataset.resolution=64", "limit=2", "logger=csv")
+RUN += ("num_workers=0",)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "per_image.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+
+def test_one_run_names_three_segmenters_each_row_as_its_run_alone(tmp_path: Path) -> None:
+    extras = ("segmenter.num_points=8", "+segmenter@segmenters.kc=kmeans_c")
+    extras += ("+segmenter@segmenters.cut=diffcut",)
+    multi = run_module("eval", tmp_path, *RUN, *extras, "segmenters.cut.tau=0.7", "hydra.run.dir=m")
+    assert multi.returncode == 0, multi.stderr
+    rows = list(csv.DictReader((tmp_path / "outputs" / "ledger.csv").open()))
+    assert [r["segmenter"] for r in rows] == ["diffseg", "kmeans_c", "diffcut"]
+    assert len({r["run_id"] for r in rows}) == 3
+    assert json.loads(rows[2]["segmenter_settings"])["tau"] == 0.7
+    # DiffCut on its own (its pass differs from the others'; test_one_pass_... checks the
+    # labels of all three in process): the same records.
+    one = run_module(
+        "eval", tmp_path, *RUN, "segmenter=diffcut", "segmenter.tau=0.7", "hydra.run.dir=a"
+    )
+    assert one.returncode == 0, one.stderr
+    assert _records(tmp_path / "m" / "segmenters" / "cut") == _records(tmp_path / "a")
