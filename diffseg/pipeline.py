@@ -295,7 +295,7 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         latents = self.encode_images(self.preprocess(images, resolution))
         return self.capture_attention(latents, timestep, prompt, noise, seed)
 
-    def unet_pass(
+    def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
         images: torch.Tensor | Sequence[Image.Image],
         timestep: int = 300,

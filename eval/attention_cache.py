@@ -179,7 +179,7 @@ class CachedAttentionPipeline(AttentionSegmenter):
             r: torch.stack([s[r] for s in stored]).to(device, torch.float32) for r in resolutions
         }
 
-    def unet_pass(
+    def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
         images: torch.Tensor,
         timestep: int = 300,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eval import CONFIG_DIR
 from eval.datasets import DataFileError
 from eval.segment import group_options, list_images, readable_images, split_argv
 from tests.helpers import run_module
@@ -86,7 +87,9 @@ def test_help_lists_only_the_groups_segment_accepts(tmp_path: Path) -> None:
         line.split(":")[0] for line in proc.stdout.splitlines() if ": " in line and "," in line
     }
     assert groups == {"model", "segmenter"}, proc.stdout
-    assert group_options("model") == "model: sd14, sd15, sd21base, tiny"
+    models = sorted(f.stem for f in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+    assert group_options("model") == "model: " + ", ".join(models)
+    assert "tiny" in models and "sd14" in models
 
 
 def _broken(path: Path) -> None:

@@ -179,7 +179,7 @@ class SharedPass(AttentionSegmenter):
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipeline, name)
 
-    def unet_pass(
+    def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
         images: Any,
         timestep: int = 300,
