@@ -137,3 +137,25 @@ def test_one_run_names_three_segmenters_each_row_as_its_run_alone(tmp_path: Path
     )
     assert one.returncode == 0, one.stderr
     assert _records(tmp_path / "m" / "segmenters" / "cut") == _records(tmp_path / "a")
+
+
+def test_attention_cache_with_diffcut_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import eval.run
+    from eval.prepare import compose_config
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(eval.run, "load_model", no_model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFSEG_HOME", str(tmp_path))
+    cfg = compose_config(
+        ["dataset=synthetic", "segmenter=diffseg", "+segmenter@segmenters.diffcut=diffcut",
+         "cache.attention=true", "dataset.resolution=64", "segmenter.num_points=8", "limit=1",
+         "num_workers=0", "logger=csv"]
+    )  # fmt: skip
+    with pytest.raises(eval.run.RunError, match=r"segmenter\(s\) \['diffcut'\] read the UNet"):
+        eval.run.evaluate(cfg)
+    assert not (tmp_path / "run.json").exists()
