@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,14 +89,14 @@ def results_table(row: Mapping[str, Any], n_skipped: int) -> str:
 
 
 def results_row(
-    records: Mapping[int, Mapping[str, Any]],
+    scored: Sequence[Mapping[str, Any]],
     skipped_ids: list[str],
     final: Mapping[str, torch.Tensor],
     run: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The results row: ``run`` (run_id, run_dir, device and the settings of
-    :func:`eval.record.settings`), the scores, the images and provenance."""
-    scored = [records[i] for i in sorted(records) if not records[i].get("skipped")]
+    :func:`eval.record.settings`), the scores, the images (``scored``: their records) and
+    provenance."""
     seconds = float(sum(r["seconds"] for r in scored))
     row = {
         "run_id": run["run_id"],
@@ -127,17 +127,18 @@ def finish(
     """Write the run's tables and pictures (in ``run["run_dir"]``) and the logger's final
     record; ``run`` as for :func:`results_row`."""
     run_dir = Path(run["run_dir"])
+    ordered = [records[i] for i in sorted(records)]
+    scored = [r for r in ordered if not r.get("skipped")]
     skipped_ids = [
         *getattr(dataset, "skipped_ids", []),
-        *(records[i]["id"] for i in sorted(records) if records[i].get("skipped")),
+        *(r["id"] for r in ordered if r.get("skipped")),
     ]
-    if len(skipped_ids) == len(records) + len(getattr(dataset, "skipped_ids", [])):
+    if not scored:
         raise RunError(
             f"every one of the {len(skipped_ids)} images was skipped (dataset.on_error=skip)"
         )
     final = compute_scores(metric)
-    row = results_row(records, skipped_ids, final, run)
-    scored = [records[i] for i in sorted(records) if not records[i].get("skipped")]
+    row = results_row(scored, skipped_ids, final, run)
     row.update(granularity.summarize(run_dir, scored, dataset.class_names, row))
     row["deviations"] = "; ".join(paper.deviations({**row, "ledger_version": 2}))
     per_class = [
