@@ -1,14 +1,17 @@
 """Where a Stable Diffusion model comes from: a local folder in diffusers layout, or a hub id
 downloaded (or found in the local hub cache) with diffusers, without the parts DiffSeg never uses.
 
-A folder holds `model_index.json`, `unet/`, `vae/`, `scheduler/` and either `text_encoder/` +
-`tokenizer/` or `prompt_embeds.safetensors`: the empty-prompt embedding (tensor `prompt_embeds`,
-shape `(1, 77, D)`) of a copy made without the text encoder
+A folder holds `model_index.json`, `unet/`, `vae/`, `scheduler/` and either the text parts
+(`text_encoder/` + `tokenizer/`; an SDXL-shaped model, whose `model_index.json` names
+`text_encoder_2`, also `text_encoder_2/` + `tokenizer_2/`) or `prompt_embeds.safetensors`: the
+empty-prompt embedding (tensor `prompt_embeds`, shape `(1, 77, D)`; SDXL-shaped: also
+`pooled_prompt_embeds`, `(1, P)`) of a copy made without the text encoders
 (`DiffSegPipeline.save_pretrained(path, prompt_embeds_only=True)` writes one).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from safetensors.torch import load_file
 
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 TEXT_PARTS = ("text_encoder", "tokenizer")
+XL_TEXT_PARTS = ("text_encoder_2", "tokenizer_2")
+EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
 # Parts of Stable Diffusion pipelines that DiffSeg never runs: passed as None, diffusers skips
 # downloading them (SD 1.x's safety checker alone is 1.2 GB).
 UNUSED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
@@ -42,25 +47,39 @@ def looks_local(model: str) -> bool:
     )
 
 
+def _text_parts(path: Path) -> tuple[str, ...]:
+    """The text encoders and tokenizers ``path``'s model_index.json names (SDXL: both pairs)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(
+            f"{path / 'model_index.json'} cannot be read ({err}); copy the one of the model it "
+            "came from, or write the folder again with DiffSegPipeline.save_pretrained"
+        ) from err
+    xl = (index.get(XL_TEXT_PARTS[0]) or [None])[0] is not None
+    return TEXT_PARTS + (XL_TEXT_PARTS if xl else ())
+
+
 def check_folder(path: Path) -> dict[str, None]:
     """Raise :class:`ModelNotFoundError` unless ``path`` holds a model DiffSeg can load; returns
     the text parts to skip (None: absent, the folder's prompt embedding stands in for them)."""
-    has_embeds = (path / PROMPT_EMBEDS_FILE).is_file()
-    required = ["unet", "vae", "scheduler", *([] if has_embeds else TEXT_PARTS)]
-    missing = [name for name in required if not (path / name).is_dir()]
-    if missing:
-        raise ModelNotFoundError(
-            f"model directory {str(path)!r} lacks the subfolder(s) {missing}. A diffusers "
-            f"layout needs unet/, vae/, scheduler/ and text_encoder/ + tokenizer/ (or a "
-            f"{PROMPT_EMBEDS_FILE} with the empty-prompt embedding); {FIX}"
-        )
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"model directory {str(path)!r} has no model_index.json (the list of its parts that "
             "diffusers reads); copy the one of the model it came from, or write the folder again "
             "with DiffSegPipeline.save_pretrained"
         )
-    return {name: None for name in TEXT_PARTS if not (path / name).is_dir()}
+    text = _text_parts(path)
+    has_embeds = (path / PROMPT_EMBEDS_FILE).is_file()
+    required = ["unet", "vae", "scheduler", *([] if has_embeds else text)]
+    missing = [name for name in required if not (path / name).is_dir()]
+    if missing:
+        raise ModelNotFoundError(
+            f"model directory {str(path)!r} lacks the subfolder(s) {missing}. A diffusers "
+            f"layout needs unet/, vae/, scheduler/ and {' + '.join(p + '/' for p in text)} (or a "
+            f"{PROMPT_EMBEDS_FILE} with the empty-prompt embedding); {FIX}"
+        )
+    return {name: None for name in TEXT_PARTS + XL_TEXT_PARTS if not (path / name).is_dir()}
 
 
 def model_folder(model: str, revision: str | None) -> Path:
@@ -89,14 +108,17 @@ def model_folder(model: str, revision: str | None) -> Path:
         ) from err
 
 
-def load_prompt_embeds(path: Path) -> torch.Tensor | None:
-    """The empty-prompt embedding `(1, L, D)` stored in ``path``, or None without one."""
+def load_prompt_embeds(path: Path) -> dict[str, torch.Tensor]:
+    """The empty-prompt embedding stored in ``path`` as the pipeline's keyword arguments:
+    `prompt_embeds` `(1, L, D)` and, when stored, `pooled_prompt_embeds` `(1, P)`; {} without a
+    file."""
     file = path / PROMPT_EMBEDS_FILE
     if not file.is_file():
-        return None
+        return {}
     tensors = load_file(file)
-    if "prompt_embeds" not in tensors:
+    if "prompt_embeds" not in tensors or not set(tensors) <= set(EMBEDS):
         raise ValueError(
-            f"{file} must hold a tensor named 'prompt_embeds' (1, 77, D), found {sorted(tensors)}"
+            f"{file} must hold a tensor named 'prompt_embeds' (1, 77, D) and, for an SDXL-shaped "
+            f"model, 'pooled_prompt_embeds' (1, P); found {sorted(tensors)}"
         )
-    return tensors["prompt_embeds"]
+    return tensors

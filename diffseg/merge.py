@@ -47,13 +47,14 @@ def check_merge_settings(
     resolution: int,
     num_points: int = 16,
     kl_threshold: Sequence[float] = (1.1, 1.1, 1.1),
-    vae_scale_factor: int = 8,
+    scale_factor: int = 8,
 ) -> int:
     """Check the merging settings against the input ``resolution`` before any model runs.
 
     The merge runs on the aggregated attention, whose side ``S`` is that of the largest
-    self-attention map: the latent, ``resolution / vae_scale_factor`` (8 for Stable Diffusion:
-    ``S = 64`` at 512). ``num_points`` anchors per side must fit on it (:func:`sampling_grid`)
+    self-attention map, ``resolution / scale_factor``: input pixels per position of that map, 8
+    for Stable Diffusion 1.x (the latent: ``S = 64`` at 512), 16 for SDXL (its first level has no
+    attention: ``S = 64`` at 1024). ``num_points`` anchors per side must fit on it (:func:`sampling_grid`)
     and ``kl_threshold`` needs one finite positive value per iteration. Raises ``ValueError``
     naming the setting; returns ``S``.
     """
@@ -61,15 +62,17 @@ def check_merge_settings(
         isinstance(resolution, bool)
         or not isinstance(resolution, int)
         or resolution <= 0
-        or resolution % vae_scale_factor
+        or resolution % scale_factor
     ):
         raise ValueError(
-            f"resolution must be a positive multiple of the VAE factor {vae_scale_factor}, "
-            f"got {resolution!r}"
+            f"resolution must be a positive multiple of {scale_factor} (input pixels per position "
+            f"of the largest attention map), got {resolution!r}"
         )
-    size = resolution // vae_scale_factor
+    size = resolution // scale_factor
     _check_num_points(
-        num_points, size, f": the latent of a {resolution}px image, VAE factor {vae_scale_factor}"
+        num_points,
+        size,
+        f": the largest attention map of a {resolution}px image, {scale_factor} px per position",
     )
     _check_thresholds(kl_threshold)
     return size

@@ -1,4 +1,5 @@
-"""Model configurations and builders: the real Stable Diffusion 1.4 shapes and an SD-shaped `tiny` model.
+"""Model configurations and builders: the real Stable Diffusion 1.4 shapes, an SD-shaped `tiny` model
+and an SDXL-shaped `tiny_xl` model.
 
 Configs are plain dicts in the diffusers/transformers layout, so `UNet2DConditionModel(**cfg)` and
 `save_pretrained` round-trip them. `tiny` keeps SD 1.x's block structure (three cross-attention down
@@ -10,6 +11,13 @@ The tiny tokenizer is a real `CLIPTokenizer` built in memory from a byte-level v
 with and without the end-of-word suffix, plus the two special tokens) and no merges, so every prompt
 tokenises (one token per character) and `save_pretrained` writes ordinary tokenizer files. Its special
 tokens follow SD 1.x: `<|startoftext|>`, then `<|endoftext|>` which also pads to 77 tokens.
+
+`tiny_xl` keeps SDXL's structure (SSD-1B, DiffCut's model, is a distilled SDXL of the same
+layout): a plain down block then two cross-attention down blocks (so self-attention at latent/2 and
+latent/4 only), several transformer layers in the deepest blocks, linear projections, two text
+encoders whose penultimate hidden states are concatenated (the second one with a projection: its
+pooled output), and the "text_time" added conditioning (pooled text embedding and six size/crop
+ids). Its second tokenizer pads with "!" as SDXL's does.
 """
 
 from __future__ import annotations
@@ -19,12 +27,20 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 TEXT_LENGTH = 77  # CLIP's context length: prompts are padded to it, as SD does
 SD_SCALING_FACTOR = 0.18215
+SDXL_SCALING_FACTOR = 0.13025
+# SDXL's micro-conditioning: original size (2), crop top-left (2), target size (2).
+SDXL_TIME_IDS = 6
 
 
 def sd14_unet_config() -> dict[str, Any]:
@@ -107,6 +123,32 @@ def tiny_vae_config() -> dict[str, Any]:
     }
 
 
+def tiny_xl_unet_config() -> dict[str, Any]:
+    """SDXL's UNet layout (3 levels, attention in the two deepest, 1 / 1 / 2 transformer layers,
+    "text_time" added conditioning) with 32/64 channels; cross-attention width 64 = the two tiny
+    text encoders' 32 + 32, pooled projection 32."""
+    time_dim = 8
+    return {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 2,
+        "transformer_layers_per_block": [1, 1, 2],
+        "norm_num_groups": 8,
+        "cross_attention_dim": 64,
+        "attention_head_dim": [2, 2, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": SDXL_TIME_IDS * time_dim + 32,
+    }
+
+
 def tiny_vocab() -> dict[str, int]:
     """Byte-level CLIP vocabulary without merges: 256 bytes, the same with `</w>`, then BOS, EOS."""
     alphabet = sorted(ByteLevel.alphabet())
@@ -114,8 +156,9 @@ def tiny_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def tiny_text_config() -> CLIPTextConfig:
-    """A 2-layer CLIP text transformer of width 32 over the tiny vocabulary."""
+def tiny_text_config(**overrides: Any) -> CLIPTextConfig:
+    """A 2-layer CLIP text transformer of width 32 over the tiny vocabulary (``overrides``: other
+    `CLIPTextConfig` fields, e.g. `projection_dim`)."""
     vocab = tiny_vocab()
     return CLIPTextConfig(
         vocab_size=len(vocab),
@@ -127,6 +170,13 @@ def tiny_text_config() -> CLIPTextConfig:
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
+        **overrides,
+    )
+
+
+def _tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    return CLIPTokenizer(
+        vocab=tiny_vocab(), merges=[], model_max_length=TEXT_LENGTH, pad_token=pad_token
     )
 
 
@@ -141,7 +191,7 @@ def build_tiny(seed: int = 0) -> dict[str, Any]:
         unet = UNet2DConditionModel(**tiny_unet_config())
         vae = AutoencoderKL(**tiny_vae_config())
         text_encoder = CLIPTextModel(tiny_text_config())
-    tokenizer = CLIPTokenizer(vocab=tiny_vocab(), merges=[], model_max_length=TEXT_LENGTH)
+    tokenizer = _tiny_tokenizer()
     scheduler = DDPMScheduler.from_config(sd14_scheduler_config())
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
@@ -151,4 +201,30 @@ def build_tiny(seed: int = 0) -> dict[str, Any]:
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "scheduler": scheduler,
+    }
+
+
+def build_tiny_xl(seed: int = 0) -> dict[str, Any]:
+    """The SDXL-shaped tiny components (:func:`tiny_xl_unet_config`), seeded as :func:`build_tiny`.
+
+    Returns a dict with `unet`, `vae`, `text_encoder`, `text_encoder_2`, `tokenizer`,
+    `tokenizer_2`, `scheduler`. The scheduler is SDXL's noise schedule as DDPM's (the pipeline
+    only noises latents with it).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_xl_unet_config())
+        vae = AutoencoderKL(**{**tiny_vae_config(), "scaling_factor": SDXL_SCALING_FACTOR})
+        text_encoder = CLIPTextModel(tiny_text_config())
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(projection_dim=32))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": _tiny_tokenizer(),
+        "tokenizer_2": _tiny_tokenizer(pad_token="!"),
+        "scheduler": DDPMScheduler.from_config(sd14_scheduler_config()),
     }

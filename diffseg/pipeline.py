@@ -10,6 +10,15 @@ each resolution (`diffseg.attention`), are aggregated (`diffseg.aggregate`) and 
 
 `DiffSegPipeline` is a diffusers `DiffusionPipeline`: loading, saving and `.to(device, dtype)` are
 diffusers'; model folders are described in `diffseg.loading`.
+
+SDXL-shaped UNets (SDXL, SSD-1B: `unet.config.addition_embed_type == "text_time"`) are run as
+diffusers' SDXL pipelines run them: the prompt embedded by both text encoders
+(`StableDiffusionXLPipeline.encode_prompt`: penultimate hidden states concatenated, the second
+encoder's pooled projection), the added conditioning of an uncropped square image of the input
+side (time ids `(R, R, 0, 0, R, R)`, as DiffCut's `tools/ldm.py`), and the VAE in float32 when its
+config asks for it (`force_upcast`, SDXL's VAE overflows in float16). The noise schedule is read as
+DDPM's whatever scheduler the folder names (SDXL ships Euler, whose `add_noise` is another
+parametrisation): only `add_noise` is used, and DDPM's is DiffCut's (DDIM's, the same formula).
 """
 
 from __future__ import annotations
@@ -21,10 +30,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    SchedulerMixin,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffseg.attention import (
     AttentionStore,
@@ -35,7 +51,7 @@ from diffseg.attention import (
 from diffseg.devices import resolve_device, resolve_dtype
 from diffseg.features import capture_features
 from diffseg.loading import PROMPT_EMBEDS_FILE, check_folder, load_prompt_embeds, model_folder
-from diffseg.models import build_tiny
+from diffseg.models import SDXL_TIME_IDS, build_tiny, build_tiny_xl
 from diffseg.preprocess import to_model_input
 from diffseg.segmenter import AttentionSegmenter, DiffSegOutput, UNetPass
 
@@ -43,47 +59,89 @@ __all__ = ["DiffSegOutput", "DiffSegPipeline", "UNetPass", "resolve_device", "re
 
 
 class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
-    """Stable Diffusion's UNet, VAE and text encoder plus DiffSeg's capture; aggregation and merging
-    come from `AttentionSegmenter` (`aggregate`, `__call__`).
+    """Stable Diffusion's UNet, VAE and text encoder(s) plus DiffSeg's capture; aggregation and
+    merging come from `AttentionSegmenter` (`aggregate`, `__call__`).
 
     Build with `from_pretrained` (hub id or local diffusers folder) or `from_tiny`. The text
-    encoder and tokenizer are optional when `prompt_embeds` (the empty prompt's embedding) is
+    encoders and tokenizers are optional when `prompt_embeds` (the empty prompt's embedding; for
+    an SDXL-shaped UNet also `pooled_prompt_embeds`, the second encoder's pooled projection) is
     given. Text embeddings are computed once per prompt and cached. `capture_max_elements`
     bounds the attention scores the capture materialises at once (None: by device, see
-    `diffseg.attention.default_max_elements`).
+    `diffseg.attention.default_max_elements`). `scheduler`: any diffusers scheduler, kept as a
+    `DDPMScheduler` of the same noise schedule (module docstring).
     """
 
-    _optional_components: ClassVar[list[str]] = ["text_encoder", "tokenizer"]
+    _optional_components: ClassVar[list[str]] = [
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+    ]
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (diffusers' pipeline components, one argument each)
         self,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
-        scheduler: DDPMScheduler,
+        scheduler: SchedulerMixin,
         text_encoder: CLIPTextModel | None = None,
         tokenizer: CLIPTokenizer | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if prompt_embeds is None and (text_encoder is None or tokenizer is None):
-            raise ValueError(
-                "give text_encoder and tokenizer, or prompt_embeds (the empty-prompt embedding)"
-            )
+        if not isinstance(scheduler, DDPMScheduler):
+            scheduler = DDPMScheduler.from_config(scheduler.config)
         self.register_modules(
-            unet=unet, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+            unet=unet,
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         )
-        for module in (unet, vae, text_encoder):
+        self._check_text_parts(prompt_embeds, pooled_prompt_embeds)
+        for module in (unet, vae, text_encoder, text_encoder_2):
             if module is not None:
                 module.eval().requires_grad_(False)
         self.capture_max_elements: int | None = None
-        self._prompt_embeds: dict[str, torch.Tensor] = {}
+        self._prompt_embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if prompt_embeds is not None:
-            self._prompt_embeds[""] = self._check_embeds(prompt_embeds)
+            self._prompt_embeds[""] = self._check_embeds(prompt_embeds, pooled_prompt_embeds)
         # Set by compile_unet: the capture processors then stay installed, feeding this store.
         self._capture_store: AttentionStore | None = None
         self.num_self_attention_layers = len(self_attention_layers(unet))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(unet.config.down_block_types) - 1)
+        # The UNet levels (0: the latent's) whose blocks hold self-attention layers.
+        levels = [i for i, block in enumerate(unet.down_blocks) if hasattr(block, "attentions")]
+        if hasattr(unet.mid_block, "attentions"):
+            levels.append(len(unet.down_blocks) - 1)
+        if not levels:
+            raise ValueError("this UNet has no self-attention layers: DiffSeg segments from them")
+        self.attention_levels = sorted(set(levels))
+        self.attention_scale_factor = self.vae_scale_factor * 2 ** self.attention_levels[0]
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether the UNet is SDXL-shaped: it takes the pooled text embedding and time ids."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    def _check_text_parts(
+        self, prompt_embeds: torch.Tensor | None, pooled: torch.Tensor | None
+    ) -> None:
+        encoders = ("text_encoder", "tokenizer") + (
+            ("text_encoder_2", "tokenizer_2") if self.is_xl else ()
+        )
+        has_encoders = all(getattr(self, name) is not None for name in encoders)
+        has_embeds = prompt_embeds is not None and (pooled is not None or not self.is_xl)
+        if not (has_encoders or has_embeds):
+            embeds = "prompt_embeds and pooled_prompt_embeds" if self.is_xl else "prompt_embeds"
+            raise ValueError(
+                f"give {', '.join(encoders)}, or {embeds} (the empty prompt's embedding)"
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -92,10 +150,15 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         seed: int = 0,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = torch.float32,
+        layout: str = "sd",
     ) -> DiffSegPipeline:
-        """The SD-shaped tiny model with seeded random weights (no download); float32 unless
-        ``dtype`` says otherwise (None: as :func:`resolve_dtype`)."""
-        return cls(**build_tiny(seed)).place(device, dtype)
+        """The tiny model with seeded random weights (no download), SD 1.x-shaped (``layout="sd"``)
+        or SDXL-shaped (``"sdxl"``); float32 unless ``dtype`` says otherwise (None: as
+        :func:`resolve_dtype`)."""
+        builders = {"sd": build_tiny, "sdxl": build_tiny_xl}
+        if layout not in builders:
+            raise ValueError(f"layout must be one of {sorted(builders)}, got {layout!r}")
+        return cls(**builders[layout](seed)).place(device, dtype)
 
     @classmethod
     def from_pretrained(
@@ -120,7 +183,7 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
             # Recent diffusers deprecate `torch_dtype` for `dtype`, which older ones do not know.
             warnings.filterwarnings("ignore", ".*torch_dtype", FutureWarning)
             pipe = super().from_pretrained(
-                str(folder), torch_dtype=dtype_, prompt_embeds=load_prompt_embeds(folder), **skip
+                str(folder), torch_dtype=dtype_, **load_prompt_embeds(folder), **skip
             )
         return pipe.place(device_, dtype_)
 
@@ -128,12 +191,16 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
     ) -> DiffSegPipeline:
         """`.to(device, dtype)` with :func:`resolve_device` and :func:`resolve_dtype`'s defaults;
-        casts only when the dtype differs (diffusers warns on every cast). Returns self."""
+        casts only when the dtype differs (diffusers warns on every cast); an SDXL VAE whose
+        config says `force_upcast` stays in float32. Returns self."""
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
         self.to(device_, silence_dtype_warnings=True)
         if self.dtype != dtype_:
             self.to(dtype=dtype_, silence_dtype_warnings=True)
+        upcast = self.is_xl and self.vae.config.get("force_upcast", False)
+        if upcast and self.vae.dtype != torch.float32:
+            self.vae.to(dtype=torch.float32)
         return self
 
     def save_pretrained(
@@ -141,24 +208,26 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
     ) -> None:
         """Write the model in the layout `from_pretrained` reads (``kwargs``: as diffusers').
 
-        With `prompt_embeds_only`, the text encoder and tokenizer are replaced by
-        `prompt_embeds.safetensors` (the empty prompt's embedding), so only `prompt=""` works.
+        With `prompt_embeds_only`, the text encoders and tokenizers are replaced by
+        `prompt_embeds.safetensors` (the empty prompt's embedding, and for an SDXL-shaped UNet its
+        pooled embedding), so only `prompt=""` works.
         """
         if not prompt_embeds_only:
             if self.text_encoder is None or self.tokenizer is None:
                 raise ValueError("this pipeline has no text encoder: use prompt_embeds_only=True")
             super().save_pretrained(save_directory, **kwargs)
             return
-        embeds = self.encode_prompt("")
-        slim = type(self)(self.unet, self.vae, self.scheduler, prompt_embeds=embeds)
+        embeds, pooled = self.prompt_conditioning("")
+        tensors = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items() if v is not None}
+        slim = type(self)(self.unet, self.vae, self.scheduler, **tensors)
         DiffusionPipeline.save_pretrained(slim, save_directory, **kwargs)
-        save_file(
-            {"prompt_embeds": embeds.float().cpu().contiguous()},
-            Path(save_directory) / PROMPT_EMBEDS_FILE,
-        )
+        save_file(tensors, Path(save_directory) / PROMPT_EMBEDS_FILE)
 
     # ------------------------------------------------------------------ steps
-    def _check_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+    def _check_embeds(
+        self, embeds: torch.Tensor, pooled: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if embeds.ndim == 2:
             embeds = embeds[None]
         dim = self.unet.config.cross_attention_dim
@@ -166,25 +235,63 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
             raise ValueError(
                 f"prompt_embeds must have shape (1, L, {dim}) for this UNet, got {tuple(embeds.shape)}"
             )
-        return embeds
+        if not self.is_xl:
+            return embeds, None
+        config = self.unet.config
+        width = config.projection_class_embeddings_input_dim
+        width -= SDXL_TIME_IDS * config.addition_time_embed_dim
+        if pooled is None or pooled.reshape(-1).shape[0] != width:
+            got = None if pooled is None else tuple(pooled.shape)
+            raise ValueError(
+                f"pooled_prompt_embeds must have shape (1, {width}) for this SDXL-shaped UNet, "
+                f"got {got}"
+            )
+        return embeds, pooled.reshape(1, width)
 
     @torch.inference_mode()
-    def encode_prompt(self, prompt: str = "") -> torch.Tensor:
-        """Text embedding `(1, 77, D)` of `prompt`, padded to the tokenizer's length; cached."""
+    def prompt_conditioning(self, prompt: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`prompt`'s text embedding `(1, 77, D)` (padded to the tokenizer's length) and, for an
+        SDXL-shaped UNet, its pooled embedding `(1, P)` (else None); cached."""
         if prompt not in self._prompt_embeds:
-            self._prompt_embeds[prompt] = self._check_embeds(self._run_text_encoder(prompt))
-        embeds = self._prompt_embeds[prompt]
+            self._prompt_embeds[prompt] = self._check_embeds(*self._run_text_encoders(prompt))
+        embeds, pooled = self._prompt_embeds[prompt]
         if embeds.device != self.device or embeds.dtype != self.dtype:
-            # Not a registered module, so `.to()` leaves it behind: follow the pipeline here.
-            embeds = self._prompt_embeds[prompt] = embeds.to(self.device, self.dtype)
-        return embeds
+            # Not registered modules, so `.to()` leaves them behind: follow the pipeline here.
+            embeds, pooled = (
+                None if t is None else t.to(self.device, self.dtype) for t in (embeds, pooled)
+            )
+            self._prompt_embeds[prompt] = embeds, pooled
+        return embeds, pooled
 
-    def _run_text_encoder(self, prompt: str) -> torch.Tensor:
-        if self.text_encoder is None or self.tokenizer is None:
+    def encode_prompt(self, prompt: str = "") -> torch.Tensor:
+        """Text embedding `(1, 77, D)` of `prompt` (:meth:`prompt_conditioning`)."""
+        return self.prompt_conditioning(prompt)[0]
+
+    def _run_text_encoders(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = ("text_encoder", "tokenizer") + (
+            ("text_encoder_2", "tokenizer_2") if self.is_xl else ()
+        )
+        if any(getattr(self, name) is None for name in parts):
             raise ValueError(
                 f"prompt={prompt!r}: this model was loaded with only the empty-prompt embedding "
-                f"({PROMPT_EMBEDS_FILE}); other prompts need text_encoder/ and tokenizer/"
+                f"({PROMPT_EMBEDS_FILE}); other prompts need {', '.join(p + '/' for p in parts)}"
             )
+        if self.is_xl:
+            # diffusers' own SDXL text conditioning, on this pipeline's modules (no copies).
+            sdxl = StableDiffusionXLPipeline(
+                self.vae,
+                self.text_encoder,
+                self.text_encoder_2,
+                self.tokenizer,
+                self.tokenizer_2,
+                self.unet,
+                self.scheduler,
+                add_watermarker=False,
+            )
+            embeds, _, pooled, _ = sdxl.encode_prompt(
+                prompt, device=self.device, do_classifier_free_guidance=False
+            )
+            return embeds, pooled
         tokens = self.tokenizer(
             prompt,
             padding="max_length",
@@ -195,7 +302,23 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0], None
+
+    def unet_conditioning(self, prompt: str, latents: torch.Tensor) -> dict[str, Any]:
+        """The UNet's keyword arguments besides the sample and timestep for ``latents (B, C, h,
+        w)``: the prompt's embedding for each image; for an SDXL-shaped UNet also the pooled
+        embedding and the time ids of an uncropped image of the input size."""
+        embeds, pooled = self.prompt_conditioning(prompt)
+        batch = latents.shape[0]
+        kwargs: dict[str, Any] = {"encoder_hidden_states": embeds.expand(batch, -1, -1)}
+        if pooled is not None:
+            h, w = (side * self.vae_scale_factor for side in latents.shape[-2:])
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled.expand(batch, -1),
+                "time_ids": time_ids.expand(batch, -1),
+            }
+        return kwargs
 
     def preprocess(
         self, images: torch.Tensor | Sequence[Image.Image], resolution: int
@@ -205,8 +328,10 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`(B, 3, R, R)` in [-1, 1] -> latents `(B, C, R/8, R/8)`: posterior mean x scaling factor."""
-        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        """`(B, 3, R, R)` in [-1, 1] -> latents `(B, C, R/8, R/8)`: posterior mean x scaling factor
+        (in the VAE's dtype, float32 for an upcast SDXL VAE; returned in the pipeline's)."""
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
 
     @torch.inference_mode()
     def capture_attention(
@@ -217,23 +342,31 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         noise: bool = False,
         seed: int = 0,
     ) -> dict[int, torch.Tensor]:
-        """One UNet pass; resolution `r` -> block- and head-averaged attention `(B, r*r, r*r)`."""
+        """One UNet pass; resolution `r` -> block- and head-averaged attention `(B, r*r, r*r)`.
+
+        With `noise`, the latents are noised to `timestep` (DDPM's forward process) with one
+        `(1, C, h, w)` normal draw from a generator on the pipeline's device seeded `seed`, shared
+        by the batch as DiffCut's `tools/ldm.py` draws it: an image's noise depends neither on its
+        batch nor on its position in it (on CUDA, seed 42, DiffCut's own noise values).
+        """
         steps = self.scheduler.config.num_train_timesteps
         if not 0 <= int(timestep) < steps:
             raise ValueError(f"timestep must be in [0, {steps}), got {timestep}")
         t = torch.tensor([int(timestep)], device=self.device)
         if noise:
-            generator = torch.Generator().manual_seed(seed)
-            eps = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-            latents = self.scheduler.add_noise(latents, eps, t)
-        context = self.encode_prompt(prompt).expand(latents.shape[0], -1, -1)
+            generator = torch.Generator(self.device).manual_seed(seed)
+            eps = torch.randn(
+                (1, *latents.shape[1:]), generator=generator, device=self.device
+            ).to(latents.dtype)
+            latents = self.scheduler.add_noise(latents, eps.expand_as(latents), t)
+        conditioning = self.unet_conditioning(prompt, latents)
         if self._capture_store is not None:
             store = self._capture_store
             store.reset()
-            self.unet(latents, t, encoder_hidden_states=context)
+            self.unet(latents, t, **conditioning)
         else:
             with capture_self_attention(self.unet, max_elements=self.capture_max_elements) as store:
-                self.unet(latents, t, encoder_hidden_states=context)
+                self.unet(latents, t, **conditioning)
         if sum(store.counts.values()) != self.num_self_attention_layers:
             raise RuntimeError(
                 f"captured {sum(store.counts.values())} self-attention layers, expected "
@@ -265,6 +398,12 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         )
         self.unet.compile(**options)
         self._capture_store = store
+
+    def attention_sides(self, resolution: int) -> list[int]:
+        """Sides of the self-attention maps of a ``resolution`` input, largest first (SD 1.x at
+        512: 64, 32, 16, 8; SDXL at 1024: 64, 32)."""
+        latent = resolution // self.vae_scale_factor
+        return [latent >> level for level in self.attention_levels]
 
     def check_resolution(self, resolution: int) -> None:
         """Raise ValueError unless ``resolution`` is an input side this model takes."""

@@ -57,7 +57,8 @@ class AttentionSegmenter:
     - `attention(images, timestep, resolution, prompt, noise, seed)`: resolution `r` (largest
       first) -> `(B, r*r, r*r)`, validating `resolution` itself;
     - `check_resolution(resolution)`: raises ValueError for an input side the model cannot take;
-    - `vae_scale_factor`: input pixels per latent position (8 for Stable Diffusion).
+    - `attention_scale_factor`: input pixels per position of the largest self-attention map (8
+      for Stable Diffusion 1.x, 16 for SDXL).
 
     The keyword settings mirror a diffusers pipeline call (and `conf/segmenter/diffseg.yaml`).
     """
@@ -72,7 +73,8 @@ class AttentionSegmenter:
         noise: bool = False,
         seed: int = 0,
     ) -> torch.Tensor:
-        """The aggregated self-attention `(B, S, S, S, S)` of a batch (`S = resolution / 8` for SD).
+        """The aggregated self-attention `(B, S, S, S, S)` of a batch (`S = resolution /
+        attention_scale_factor`: 8 for SD 1.x, 16 for SDXL).
 
         Everything `__call__` does before merging (same arguments, same meaning), for segmenters
         other than DiffSeg's merging (e.g. `diffseg.kmeans`). Stays on the attention's device.
@@ -106,7 +108,7 @@ class AttentionSegmenter:
         """
         # Before the UNet pass: a bad merge setting would otherwise fail only after it.
         self.check_resolution(resolution)
-        check_merge_settings(resolution, num_points, kl_threshold, self.vae_scale_factor)
+        check_merge_settings(resolution, num_points, kl_threshold, self.attention_scale_factor)
         attention = self.attention(images, timestep, resolution, prompt, noise, seed)
         with torch.inference_mode():
             aggregated = aggregate_attention(list(attention.values()), weights)

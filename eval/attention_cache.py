@@ -9,9 +9,9 @@ model and capture settings reads them instead of running the VAE and UNet.
 Key (SHA-256 of a JSON document): the model config (target, name or path, revision, dtype,
 seed), the device type and compute dtype, the storage dtype, the image's content (its float32
 pixels and shape, so the dataset, its preprocessing and the image id are all covered), the
-``resolution``, ``timestep``, ``prompt``, ``noise`` and ``seed``. With ``noise=true`` the noise is
-drawn for the whole batch, so the key also holds the batch's image hashes and the image's
-position: such entries are reused only with the same batching.
+``resolution``, ``timestep``, ``prompt``, ``noise`` and ``seed``. With ``noise=true`` every image of
+a batch gets the same seeded noise map (``DiffSegPipeline.capture_attention``), so an entry does not
+depend on the batching either.
 
 The stored values are rounded to the storage dtype, and a run with the cache always segments the
 rounded values (computed or read), so every run with the cache gives the same numbers; bfloat16
@@ -111,11 +111,9 @@ class AttentionCache:
 
 def bytes_per_image(pipeline: Any, resolution: int, dtype: str) -> int:
     """Stored bytes per image: ``sum_r (r*r)**2 * itemsize`` over the UNet's attention resolutions
-    (latent size ``resolution / vae factor``, halved per down block)."""
-    latent = resolution // pipeline.vae_scale_factor
-    levels = len(pipeline.unet.config.down_block_types)
+    (``pipeline.attention_sides``)."""
     itemsize = STORAGE_DTYPES[dtype].itemsize
-    return sum((latent >> i) ** 4 for i in range(levels) if latent >> i) * itemsize
+    return sum(r**4 for r in pipeline.attention_sides(resolution)) * itemsize
 
 
 class CachedAttentionPipeline(AttentionSegmenter):
@@ -153,24 +151,18 @@ class CachedAttentionPipeline(AttentionSegmenter):
         settings = {"timestep": int(timestep), "resolution": resolution, "prompt": prompt}
         settings.update(noise=bool(noise), seed=int(seed) if noise else None)
         hashes = [image_hash(image) for image in images]
-        keys = [
-            self.cache.key(h, {**settings, **({"batch": hashes, "position": i} if noise else {})})
-            for i, h in enumerate(hashes)
-        ]
+        keys = [self.cache.key(h, settings) for h in hashes]
         stored = [self.cache.load(k) for k in keys]
         missing = [i for i, s in enumerate(stored) if s is None]
         if missing:
-            # With noise the batch's noise depends on the whole batch: compute all of it.
-            run = list(range(len(images))) if noise else missing
             computed = self.pipeline.attention(
-                images[run], timestep, resolution, prompt, noise, seed
+                images[missing], timestep, resolution, prompt, noise, seed
             )
             # On the CPU, as what `load` reads: one copy for the batch, and one device to stack.
             computed = {r: a.to("cpu", self.cache.dtype) for r, a in computed.items()}
-            for j, i in enumerate(run):
-                if stored[i] is None:
-                    stored[i] = {r: a[j] for r, a in computed.items()}
-                    self.cache.save(keys[i], stored[i])
+            for j, i in enumerate(missing):
+                stored[i] = {r: a[j] for r, a in computed.items()}
+                self.cache.save(keys[i], stored[i])
         self.cache.misses += len(missing)
         self.cache.hits += len(images) - len(missing)
         resolutions = sorted(stored[0], reverse=True)

@@ -93,16 +93,21 @@ def test_key_separates_settings_and_images(images) -> None:
     assert image_hash(images[0].clone()) == h
 
 
-def test_noise_keys_hold_the_batch(tmp_path, images) -> None:
+def test_noised_entries_do_not_depend_on_the_batching(tmp_path, images) -> None:
+    # Every image of a batch gets the same seeded noise map: a stored image is reused in another
+    # batch, and its labels are those of the image alone.
     pipe = DiffSegPipeline.from_tiny(seed=0)
     calls = _count_unet_calls(pipe)
-    cached = _wrap(pipe, tmp_path)
+    cached = _wrap(pipe, tmp_path, "float32")
     call = {**CALL, "noise": True, "seed": 3}
-    cached(images[:2], **call)
-    cached(images[:2], **call)
+    pair = cached(images[:2], **call)
     assert calls[0] == 1
-    cached(images[1:3], **call)  # image 1 in another batch: other noise, computed again
-    assert calls[0] == 2 and cached.cache.misses == 4
+    mixed = cached(images[1:3], **call)  # image 1 read, the UNet sees image 2 only
+    assert calls[0] == 2 and cached.cache.misses == 3
+    assert torch.equal(mixed[0], pair[1])
+    assert torch.equal(mixed[1], pipe(images[2:3], **call)[0])
+    other_seed = pipe.aggregate(images[1:2], resolution=RES, noise=True, seed=4)
+    assert not torch.equal(other_seed, cached.aggregate(images[1:2], resolution=RES, noise=True, seed=3))
 
 
 def test_bad_storage_dtype() -> None:

@@ -260,7 +260,7 @@ def test_bad_input(aggregated, kwargs, match):
         ({"resolution": 64, "num_points": 9}, r"\[2, S=8\].*64px image.*got 9"),
         ({"resolution": 512, "num_points": 16.0}, "got 16.0"),
         ({"resolution": 512, "num_points": True}, "got True"),
-        ({"resolution": 100}, "resolution must be a positive multiple of the VAE factor 8"),
+        ({"resolution": 100}, "resolution must be a positive multiple of 8"),
         ({"resolution": 512, "kl_threshold": (1.1, -1.0)}, "positive"),
     ],
 )
@@ -270,10 +270,10 @@ def test_merge_settings_are_checked_without_attention(settings, match):
 
 
 def test_merge_settings_accept_what_the_merge_accepts():
-    # S = resolution / VAE factor: the side of the aggregated attention the anchors are placed on.
+    # S = resolution / scale factor: the side of the aggregated attention the anchors are placed on.
     assert check_merge_settings(512) == 64
     assert check_merge_settings(64, num_points=8, kl_threshold=[0.9]) == 8
     assert check_merge_settings(64, num_points=2) == 8
-    assert check_merge_settings(128, num_points=8, vae_scale_factor=4) == 32
+    assert check_merge_settings(128, num_points=8, scale_factor=4) == 32
     for num_points in (2, 8):
         assert len(sampling_grid(num_points, 8)) == num_points**2  # the merge takes both ends
