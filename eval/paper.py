@@ -1,12 +1,14 @@
 """The published cells this harness regenerates, the setting behind each, and how a run deviates.
 
 A run *targets* a cell when its protocol (name and label rules), segmenter and dataset are the
-cell's; it *fills* the cell only when nothing else differs from the published setting: model and
-its dtype, input resolution, split and every one of its images, the segmenter's parameters, the
-protocol's parameters, the dataset's preprocessing. :func:`deviations` lists what differs, in
-words a reader can check (``model=tiny; images 2 of 2175; dtype=float16``); an empty list is a
-comparable run. ``eval.run`` writes that list to the ledger and ``eval.tables`` recomputes it, so
-a cell never shows a number that was not produced under its setting.
+cell's; where a table has several lines of one segmenter (DiffCut with SSD-1B, without PAMR, with
+SD 1.4), the line whose model and protocol the run uses (:func:`target`). It *fills* the cell only
+when nothing else differs from the published setting: model and its dtype, input resolution,
+split and every one of its images, the segmenter's parameters, the protocol's parameters, the
+dataset's preprocessing. :func:`deviations` lists what differs, in words a reader can check
+(``model=tiny; images 2 of 2175; dtype=float16``); an empty list is a comparable run.
+``eval.run`` writes that list to the ledger and ``eval.tables`` recomputes it, so a cell never
+shows a number that was not produced under its setting.
 
 Torch-free: ``eval.tables`` loads fast.
 """
@@ -33,11 +35,19 @@ class Variant:
 @dataclass(frozen=True)
 class Method:
     """A method's line. ``segmenter``: the segmenter settings of the published runs (None: the
-    number is only quoted from the literature); ``per_dataset`` adds per-dataset settings."""
+    number is only quoted from the literature); ``per_dataset`` adds per-dataset settings.
+
+    What the line's published runs set apart from its table's common setting: ``model`` (the
+    Hydra model choice), ``model_id`` (its hub id), ``dtype`` (None: the table's) and
+    ``protocol`` (protocol parameters replacing the variant's, e.g. ``{"pamr": False}``)."""
 
     name: str
     segmenter: Mapping[str, Any] | None = None
     per_dataset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    model: str | None = None
+    model_id: str | None = None
+    dtype: str | None = None
+    protocol: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,9 @@ class Table:
     metrics: tuple[str, ...]
     methods: tuple[Method, ...]
     variants: tuple[Variant, ...]
-    # Model (Hydra choice), its dtype, model input side, dataset preprocessing.
+    # Model (Hydra choice), its hub id, its dtype, model input side, dataset preprocessing.
     model: str = "sd14"
+    model_id: str = SD14
     dtype: str = "float32"
     resolution: int = 512
     dataset: Mapping[str, Any] = field(default_factory=dict)
@@ -67,6 +78,24 @@ class Cell:
     @property
     def key(self) -> str:
         return f"{self.table.name}/{self.method.name}/{self.dataset}/{self.variant.key}"
+
+    # The published model: Hydra choice, hub id, dtype (the method's, else the table's).
+    @property
+    def model(self) -> str:
+        return self.method.model or self.table.model
+
+    @property
+    def model_id(self) -> str:
+        return self.method.model_id or self.table.model_id
+
+    @property
+    def dtype(self) -> str:
+        return self.method.dtype or self.table.dtype
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """The published protocol: the variant's, with the method's parameters."""
+        return {**self.variant.protocol, **self.method.protocol}
 
 
 # DiffSeg's official notebook: one UNet pass at timestep 300, empty prompt, no noise, 16x16 anchors,
@@ -136,6 +165,18 @@ _DIFFCUT_PROTOCOL = {
     "pamr_dilations": [1, 2, 4, 8],
 }
 _DIFFCUT_BACKGROUND = {"voc", "coco_object", "pascal_context59"}
+# DiffCut's own runs (PaulCouairon/DiffCut): the defaults of eval_diffcut.py and tools/ldm.py,
+# which loads the model in float16 (conf/segmenter/diffcut.yaml).
+_DIFFCUT = {
+    "name": "diffcut",
+    "tau": 0.5,
+    "alpha": 10.0,
+    "timestep": 50,
+    "prompt": "",
+    "noise": True,
+    "seed": 42,
+}
+_SSD1B = {"model": "ssd1b", "model_id": "segmind/SSD-1B", "dtype": "float16"}
 DIFFCUT = Table(
     name="diffcut",
     title="DiffSeg re-evaluated under the DiffCut protocol (protocol=diffcut), mIoU",
@@ -148,13 +189,13 @@ DIFFCUT = Table(
         "ade20k": "val",
     },
     metrics=("miou",),
-    # DiffCut's own rows, quoted: SSD-1B features with PAMR (its main result), without PAMR, and
-    # with SD 1.4 features.
+    # DiffCut's own rows (conf/experiment/diffcut_ssd1b.yaml): SSD-1B features with PAMR (its
+    # main result), without PAMR, and with SD 1.4 features; float16 as DiffCut's code loads them.
     methods=(
         Method("DiffSeg", {**_DIFFSEG, "kl_threshold": [1.0, 1.0, 1.0]}),
-        Method("DiffCut (SSD-1B)"),
-        Method("DiffCut (SSD-1B, no PAMR)"),
-        Method("DiffCut (SD 1.4)"),
+        Method("DiffCut (SSD-1B)", _DIFFCUT, **_SSD1B),
+        Method("DiffCut (SSD-1B, no PAMR)", _DIFFCUT, **_SSD1B, protocol={"pamr": False}),
+        Method("DiffCut (SD 1.4)", _DIFFCUT, model="sd14", dtype="float16"),
     ),
     variants=(
         Variant(
@@ -181,8 +222,20 @@ def _identity(row: Mapping[str, Any]) -> tuple[str, bool, str, str]:
     return str(row.get("protocol", "")), compat, str(row.get("segmenter", "")), str(row["dataset"])
 
 
+def _uses(row: Mapping[str, Any], cell: Cell) -> bool:
+    """Whether ``row`` runs ``cell``'s model choice and its protocol on each parameter that some
+    line of the table sets apart (``Method.protocol``)."""
+    protocol = row.get("protocol_settings") or {}
+    keys = {key for method in cell.table.methods for key in method.protocol}
+    return row.get("model") == cell.model and not any(
+        _differs(protocol.get(key), cell.protocol.get(key)) for key in keys
+    )
+
+
 def target(row: Mapping[str, Any]) -> Cell | None:
-    """The published cell a (parsed) ledger row aims at, or None."""
+    """The published cell a (parsed) ledger row aims at, or None: among the table's lines of the
+    row's segmenter, the one whose model and protocol the row uses (:func:`_uses`), else the first
+    (so that a run on another model is listed with its deviations)."""
     protocol, compat, segmenter, dataset = _identity(row)
     for table in TABLES.values():
         if dataset not in table.datasets:
@@ -190,9 +243,13 @@ def target(row: Mapping[str, Any]) -> Cell | None:
         for variant in table.variants:
             if (variant.protocol["name"], variant.protocol["compat"]) != (protocol, compat):
                 continue
-            for method in table.methods:
-                if method.segmenter is not None and method.segmenter["name"] == segmenter:
-                    return Cell(table, method, dataset, variant)
+            cells = [
+                Cell(table, method, dataset, variant)
+                for method in table.methods
+                if method.segmenter is not None and method.segmenter["name"] == segmenter
+            ]
+            if cells:
+                return next((cell for cell in cells if _uses(row, cell)), cells[0])
     return None
 
 
@@ -212,23 +269,25 @@ def _differs(got: Any, expected: Any) -> bool:
 def scoring_rule(cell: Cell) -> str:
     """The cell's scoring rule (``eval.rescore``): DiffCut merges unmatched clusters into
     background on its datasets with one, every other cell is the per-image Hungarian matching."""
-    merges = cell.variant.protocol.get("background") and cell.dataset in _DIFFCUT_BACKGROUND
+    merges = cell.protocol.get("background") and cell.dataset in _DIFFCUT_BACKGROUND
     return "background_merge" if merges else "hungarian"
 
 
 def _model_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
     """The model, its dtype, the attention cache's storage and the model's input side."""
-    table, out = cell.table, []
-    if row.get("model") != table.model:
+    out = []
+    if row.get("model") != cell.model:
         out.append(f"model={row.get('model')}")
     model_id = str(row.get("model_id") or "")
-    if "/" in model_id and not model_id.startswith(("/", ".")) and model_id != SD14:
-        out.append(f"model_id={model_id}")  # another hub repository than the paper's weights
-    if row.get("dtype") != table.dtype:
+    # A local path is the user's copy of the weights (its fingerprint is recorded); a hub id
+    # other than the published one is other weights.
+    if "/" in model_id and not model_id.startswith(("/", ".")) and model_id != cell.model_id:
+        out.append(f"model_id={model_id}")
+    if row.get("dtype") != cell.dtype:
         out.append(f"dtype={row.get('dtype')}")
     if row.get("attention_cache") not in ("", None, "float32"):
         out.append(f"attention cache in {row.get('attention_cache')}")
-    if _int(row.get("resolution")) != (cell.variant.protocol.get("resolution") or table.resolution):
+    if _int(row.get("resolution")) != (cell.protocol.get("resolution") or cell.table.resolution):
         out.append(f"resolution={row.get('resolution')}")
     return out
 
@@ -261,7 +320,7 @@ def _protocol_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
     """Each protocol parameter but the name (the identity, checked by :func:`target`), and the
     scoring rule of a rescoring."""
     protocol, out = row.get("protocol_settings") or {}, []
-    for key, expected in cell.variant.protocol.items():
+    for key, expected in cell.protocol.items():
         got = protocol.get(key)
         if key == "background":
             got = (protocol.get("background") or {}).get(cell.dataset)

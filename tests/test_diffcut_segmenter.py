@@ -69,11 +69,14 @@ def test_diffcut_settings_refuse_bad_values_naming_the_key(key, value) -> None:
         settings({"name": "diffcut", key: value})
 
 
-def test_a_diffcut_run_targets_no_diffseg_cell() -> None:
+def test_a_diffcut_run_targets_a_diffcut_cell_never_a_diffseg_one() -> None:
     row = {"protocol": "diffcut", "protocol_settings": {"compat": False}, "dataset": "voc"}
     assert paper.target({**row, "segmenter": "diffseg"}).method.name == "DiffSeg"
-    # DiffCut's rows are quoted (no SSD-1B model here): a diffcut run has no published cell.
-    assert paper.target({**row, "segmenter": "diffcut"}) is None
+    # DiffCut's lines, by the model and PAMR the run used (the tiny model: the first line, with
+    # its deviations).
+    cut = {**row, "segmenter": "diffcut", "protocol_settings": {"compat": False, "pamr": True}}
+    assert paper.target({**cut, "model": "tiny"}).method.name == "DiffCut (SSD-1B)"
+    assert paper.target({**cut, "model": "sd14"}).method.name == "DiffCut (SD 1.4)"
 
 
 def _calls(**diffcut) -> list[dict]:

@@ -34,8 +34,10 @@ SWEEPS = {
     "table1_kmeans": {"dataset", "segmenter"},
     "optuna_search": {"segmenter.kl_threshold", "segmenter.timestep", "segmenter.num_points"},
     "diffcut_diffseg": {"dataset"},
+    "diffcut_ssd1b": {"dataset"},
     "tune_kl": {"segmenter.kl_threshold"},
 }
+MODELS = {"diffcut_ssd1b": "ssd1b"}  # the Hydra model choice where it is not SD 1.4
 TABLES_CMD = (sys.executable, "-m", "eval.tables")
 TINY = (
     "model=tiny",
@@ -83,7 +85,7 @@ def test_kl_is_tuned_on_training_images_and_evaluated_once_on_val() -> None:
 def test_experiment_composes_and_each_swept_value_composes(name: str) -> None:
     cfg = composed(f"+experiment={name}")
     assert cfg.experiment == name
-    assert cfg.hydra.runtime.choices.model == "sd14"
+    assert cfg.hydra.runtime.choices.model == MODELS.get(name, "sd14")
     params = dict(cfg.hydra.sweeper.params or {})
     assert set(params) == SWEEPS.get(name, set())
     if name.startswith("optuna"):

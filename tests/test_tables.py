@@ -191,7 +191,7 @@ def test_diffcut_table_compares_like_with_like(ledger, tmp_path):
         "DiffCut (SD 1.4)": ["57.5", "24.5", "36.7"],
     }
     cut = body[("DiffCut (SSD-1B)", "Cityscapes")]
-    assert cut["mIoU ours (DiffCut's labels)"] == ""  # quoted: not run by this project (yet)
+    assert cut["mIoU ours (DiffCut's labels)"] == "not run"  # run by +experiment=diffcut_ssd1b
 
 
 @pytest.mark.parametrize(
@@ -218,6 +218,77 @@ def test_paper_experiments_reproduce_the_published_setting(overrides, cell):
     row["n_images"] = row["split_size"]
     assert paper.deviations(row) == []
     assert paper.target(row).key == cell
+
+
+SSD1B = ("+experiment=diffcut_ssd1b",)
+NO_PAMR = (*SSD1B, "protocol.pamr=false")
+SD14_CUT = (*SSD1B, "model=sd14")
+CUT_LINES = {
+    "DiffCut (SSD-1B)": (SSD1B, "ssd1b"),
+    "DiffCut (SSD-1B, no PAMR)": (NO_PAMR, "ssd1b"),
+    "DiffCut (SD 1.4)": (SD14_CUT, "sd14"),
+}
+
+
+@pytest.mark.parametrize("dataset", SPLIT_SIZES)
+@pytest.mark.parametrize("method", CUT_LINES)
+@pytest.mark.parametrize("variant", ["ours", "corrected"])
+def test_diffcut_experiment_reproduces_each_published_diffcut_line(method, dataset, variant):
+    overrides, model = CUT_LINES[method]
+    compat = "protocol.compat=false" if variant == "corrected" else "protocol.compat=true"
+    row = {**settings_of(*overrides, f"dataset={dataset}", compat, model=model), "n_skipped": 0}
+    row.update(ledger_version=2, n_images=row["split_size"])
+    assert paper.deviations(row) == []
+    assert paper.target(row).key == f"diffcut/{method}/{dataset}/{variant}"
+
+
+def test_diffcut_runs_fill_their_lines_beside_the_published_numbers(tmp_path):
+    coco = ("dataset=coco_stuff27",)
+    rows = [
+        run("ssd1b", "2025-01-01", 0.7, 0.5, (*SSD1B, *coco), model="ssd1b"),
+        run("no-pamr", "2025-01-01", 0.7, 0.45, (*NO_PAMR, *coco), model="ssd1b"),
+        run("sd14", "2025-01-01", 0.7, 0.44, (*SD14_CUT, *coco), model="sd14"),
+        run("fp32", "2025-02-01", 0.7, 0.9, (*SSD1B, *coco, "model.dtype=float32"), model="ssd1b"),
+    ]
+    ledger = write_ledger(tmp_path / "ledger.csv", rows)
+    _, body = body_of(render_tables(ledger, ["diffcut"])["diffcut"][".md"])
+    ssd1b = body[("DiffCut (SSD-1B)", "COCO-Stuff-27")]
+    # The newer float32 run deviates: the float16 run holds the cell.
+    assert (ssd1b["mIoU paper"], ssd1b["mIoU ours (DiffCut's labels)"], ssd1b["Δ mIoU"]) == (
+        "49.1", "50.0", "+0.9",
+    )  # fmt: skip
+    assert ssd1b["n"] == "2175" and ssd1b["mIoU ours (corrected labels)"] == "not run"
+    no_pamr = body[("DiffCut (SSD-1B, no PAMR)", "COCO-Stuff-27")]
+    assert (no_pamr["mIoU paper"], no_pamr["mIoU ours (DiffCut's labels)"]) == ("46.1", "45.0")
+    sd14 = body[("DiffCut (SD 1.4)", "COCO-Stuff-27")]
+    assert (sd14["mIoU paper"], sd14["mIoU ours (DiffCut's labels)"]) == ("45.2", "44.0")
+    by_run = {line.split(" ")[0]: line for line in explain(read_ledger(ledger))}
+    assert by_run["no-pamr"].endswith("fills diffcut/DiffCut (SSD-1B, no PAMR)/coco_stuff27/ours")
+    assert by_run["fp32"].endswith(
+        "targets diffcut/DiffCut (SSD-1B)/coco_stuff27/ours but is not comparable: dtype=float32"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model", "changes", "expected"),
+    [
+        # Another model: DiffCut's first line, with what differs.
+        ((*SSD1B, "model=tiny"), "tiny", {}, ["model=tiny"]),
+        (SSD1B, "tiny_xl", {"model_id": ""}, ["model=tiny_xl"]),
+        ((*SSD1B, "model.dtype=float32"), "ssd1b", {}, ["dtype=float32"]),
+        ((*SSD1B, "model.dtype=null"), "ssd1b", {}, ["dtype=float32"]),  # CPU: float32
+        ((*SSD1B, "model.model=/local/SSD-1B"), "ssd1b", {}, []),  # a local copy
+        ((*SSD1B, "model.model=segmind/Segmind-Vega"), "ssd1b", {}, ["model_id=segmind/Segmind-Vega"]),
+        ((*SSD1B, "segmenter.tau=0.3"), "ssd1b", {}, ["segmenter.tau=0.3"]),
+        # SD 1.4 without PAMR is none of DiffCut's lines.
+        ((*SD14_CUT, "protocol.pamr=false"), "sd14", {}, ["model=sd14", "model_id=CompVis/stable-diffusion-v1-4", "protocol.pamr=False"]),
+    ],
+)  # fmt: skip
+def test_diffcut_runs_that_deviate_target_a_diffcut_line(overrides, model, changes, expected):
+    row = {**settings_of(*overrides, "dataset=voc", model=model), "n_skipped": 0, **changes}
+    row.update(ledger_version=2, n_images=row["split_size"])
+    assert paper.target(row).method.name == "DiffCut (SSD-1B)"
+    assert paper.deviations(row) == expected
 
 
 @pytest.mark.parametrize(
