@@ -355,9 +355,8 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         t = torch.tensor([int(timestep)], device=self.device)
         if noise:
             generator = torch.Generator(self.device).manual_seed(seed)
-            eps = torch.randn(
-                (1, *latents.shape[1:]), generator=generator, device=self.device
-            ).to(latents.dtype)
+            shape = (1, *latents.shape[1:])
+            eps = torch.randn(shape, generator=generator, device=self.device).to(latents.dtype)
             latents = self.scheduler.add_noise(latents, eps.expand_as(latents), t)
         conditioning = self.unet_conditioning(prompt, latents)
         if self._capture_store is not None:

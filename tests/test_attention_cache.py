@@ -107,7 +107,9 @@ def test_noised_entries_do_not_depend_on_the_batching(tmp_path, images) -> None:
     assert torch.equal(mixed[0], pair[1])
     assert torch.equal(mixed[1], pipe(images[2:3], **call)[0])
     other_seed = pipe.aggregate(images[1:2], resolution=RES, noise=True, seed=4)
-    assert not torch.equal(other_seed, cached.aggregate(images[1:2], resolution=RES, noise=True, seed=3))
+    assert not torch.equal(
+        other_seed, cached.aggregate(images[1:2], resolution=RES, noise=True, seed=3)
+    )
 
 
 def test_bad_storage_dtype() -> None:
