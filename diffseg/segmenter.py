@@ -101,7 +101,7 @@ class AttentionSegmenter:
         """Segment a batch: `(B, 3, H, W)` in [0, 1] or PIL images -> labels `(B, res, res)`.
 
         `weights`: aggregation weight per resolution, largest resolution first (default r/sum(r)).
-        `noise`: add scheduler noise at `timestep` (drawn for the whole batch from `seed`); off in
+        `noise`: add scheduler noise at `timestep` (one map seeded `seed`, the same for every image); off in
         the official method. `first_merge_dtype`: "float64" (exact KL) or "float16" (the official
         code's arithmetic for merge iteration 1; see `diffseg.merge.merge_attention`). Labels are
         returned on the CPU; intermediates stay on the device.
