@@ -87,7 +87,11 @@ def test_help_describes_the_tool(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "powered by hydra" not in out.stdout.lower()
     assert "python -m eval: evaluate DiffSeg" in out.stdout
-    for group in ("dataset: ade20k, cityscapes", "model: sd14, sd15, sd21base, tiny", "segmenter:"):
+    for group in (
+        "dataset: ade20k, cityscapes",
+        "model: sd14, sd15, sd21base, ssd1b, tiny",
+        "segmenter:",
+    ):
         assert group in out.stdout
     assert "python -m eval dataset=synthetic model=tiny" in out.stdout  # an example
     assert not (tmp_path / "outputs").exists()
