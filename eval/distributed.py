@@ -234,7 +234,7 @@ class NullLogger:
     def log_running(self, step: int, metrics: Mapping[str, float]) -> None:
         pass
 
-    def log_final(self, results: Any, per_class: Any, images: Any) -> None:
+    def log_final(self, results: Any, per_class: Any, images: Any, prefix: str = "") -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:

@@ -42,8 +42,10 @@ class CSVLogger:
         results: Mapping[str, Any],
         per_class: Sequence[Mapping[str, Any]],
         images: Sequence[Path],
+        prefix: str = "",
     ) -> None:
-        """Final results (one row), the per-class rows and the qualitative pictures."""
+        """Final results (one row), the per-class rows and the qualitative pictures, their keys
+        prefixed with ``prefix`` (``KEY/`` for a segmenter of ``segmenters:``)."""
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the logger; ``exit_code != 0`` marks a failed run."""
@@ -53,6 +55,23 @@ _WANDB_DIR_VARS = ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
 # The user's own settings, read before any run sets them (a multirun starts several runs in
 # one process: each must get its own folders, not the first run's).
 _USER_WANDB_DIRS = {var: os.environ.get(var) for var in _WANDB_DIR_VARS}
+
+
+@dataclass(frozen=True)
+class SegmenterLogger:
+    """The run's logger as a segmenter of ``segmenters:`` sees it when its run finishes: its final
+    records go to the run's logger (the same W&B run) under ``KEY/``."""
+
+    logger: Any
+    key: str
+
+    def log_final(
+        self,
+        results: Mapping[str, Any],
+        per_class: Sequence[Mapping[str, Any]],
+        images: Sequence[Path],
+    ) -> None:
+        self.logger.log_final(results, per_class, images, prefix=f"{self.key}/")
 
 
 def wandb_mode(mode: str | None) -> str | None:
@@ -119,15 +138,16 @@ class WandbLogger(CSVLogger):
         results: Mapping[str, Any],
         per_class: Sequence[Mapping[str, Any]],
         images: Sequence[Path],
+        prefix: str = "",
     ) -> None:
         columns = list(per_class[0]) if per_class else []
         table = self._wandb.Table(
             columns=columns, data=[[r[c] for c in columns] for r in per_class]
         )
         pictures = [self._wandb.Image(str(p), caption=p.stem) for p in images]
-        self.run.log({"per_class": table, "qualitative": pictures})
+        self.run.log({f"{prefix}per_class": table, f"{prefix}qualitative": pictures})
         for key, value in results.items():
-            self.run.summary[key] = value
+            self.run.summary[f"{prefix}{key}"] = value
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

@@ -185,12 +185,14 @@ def predict(
 @dataclass
 class Track:
     """One segmenter of the run: its call settings, its folder (per-image log, predictions,
-    contingency tables, pictures), its metric and the records of its finished images."""
+    contingency tables, pictures), its metric, the records of its finished images and its key
+    (empty for the run's own segmenter, else its key under ``segmenters:``)."""
 
     call: dict
     run_dir: Path
     metric: HungarianIoU
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    key: str = ""
 
 
 @dataclass
@@ -246,7 +248,12 @@ class Loop:
                     acc=f"{running['pixel_accuracy']:.3f}", miou=f"{running['miou']:.3f}"
                 )
                 bar.update(len(batch["index"]) + len(batch["skipped"]))
-                self.logger.log_running(len(main.records), running)
+                extras = {
+                    f"{t.key}/{name}": value
+                    for t in self.tracks[1:]
+                    for name, value in running_scores(t.metric).items()
+                }
+                self.logger.log_running(len(main.records), {**running, **extras})
                 start = time.perf_counter()
         finally:
             bar.close()

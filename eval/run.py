@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from eval import attention_cache, distributed, record
 from eval.jobs import set_status
-from eval.loggers import RunInfo
+from eval.loggers import RunInfo, SegmenterLogger
 from eval.loop import Loop, Track
 from eval.metrics import HungarianIoU
 from eval.model import load_model
@@ -111,17 +111,21 @@ def run_settings(
 
 
 def make_tracks(
-    calls: list[dict[str, Any]], dirs: list[Path], records: list[dict], n_class: int
+    calls: list[dict[str, Any]],
+    dirs: list[Path],
+    records: list[dict],
+    n_class: int,
+    keys: list[str],
 ) -> list[Track]:
     """One track per segmenter, its metric holding the counts of its finished images (running
     values stay per process; the states are reduced once, after the loop)."""
     tracks = []
-    for call, folder, done in zip(calls, dirs, records, strict=True):
+    for call, folder, done, key in zip(calls, dirs, records, keys, strict=True):
         metric = HungarianIoU(n_class, sync_on_compute=False)
         for rec in done.values():
             if not rec.get("skipped"):
                 metric.update(counts=rec)
-        tracks.append(Track(call, folder, metric, done))
+        tracks.append(Track(call, folder, metric, done, key))
     return tracks
 
 
@@ -153,7 +157,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     run_id, records, todo = open_run(cfg, device, n_total, rank, dirs)
     resolved, settings = run_settings(cfg, protocol, resolution, device, dataset, segmenters)
     pipeline = load_pipeline(cfg, device, resolution, len(todo))
-    tracks = make_tracks(calls, dirs, records, dataset.n_class)
+    tracks = make_tracks(calls, dirs, records, dataset.n_class, ["", *extras])
     logger = make_logger(cfg, resolved, run_id, rank)
     loop = Loop(cfg, dataset, pipeline, device, tracks, logger, rank)
     loop.score = scoring(protocol, dataset, cfg.dataset.name)
@@ -176,7 +180,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
                 dataset,
                 track.records,
                 track.metric,
-                logger if k == 0 else distributed.NullLogger(),
+                logger if k == 0 else SegmenterLogger(logger, track.key),
                 {
                     "run_id": rid,
                     **setting,

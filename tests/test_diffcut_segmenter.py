@@ -16,7 +16,7 @@ from diffseg.features import capture_features
 from diffseg.pipeline import DiffSegPipeline
 from eval import paper
 from eval.segmenters import segment_all, segment_batch, segmenter_call, settings
-from tests.helpers import run_module
+from tests.helpers import run_module, wandb_summary
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,24 @@ def test_one_run_names_three_segmenters_each_row_as_its_run_alone(tmp_path: Path
     )
     assert one.returncode == 0, one.stderr
     assert _records(tmp_path / "m" / "segmenters" / "cut") == _records(tmp_path / "a")
+
+
+def test_each_segmenter_is_logged_in_the_run_logger_under_its_key(tmp_path: Path) -> None:
+    run = tmp_path / "m"
+    args = [*RUN, "segmenter.num_points=8", "+segmenter@segmenters.kc=kmeans_c"]
+    out = run_module("eval", tmp_path, *args, "logger=wandb", f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stderr
+    (own,) = csv.DictReader((run / "results.csv").open())
+    (extra,) = csv.DictReader((run / "segmenters" / "kc" / "results.csv").open())
+    assert own["miou"] != extra["miou"]  # else the test could not tell them apart
+    summary = wandb_summary(run)
+    assert summary["miou"] == pytest.approx(float(own["miou"]), rel=1e-12)
+    assert summary["kc/miou"] == pytest.approx(float(extra["miou"]), rel=1e-12)
+    assert summary["kc/run_id"] == extra["run_id"]
+    # Running metrics: one line per batch, the extra segmenter's beside the run's own.
+    (last,) = list(csv.DictReader((run / "metrics.csv").open()))[-1:]
+    assert float(last["kc/miou"]) == pytest.approx(float(extra["miou"]))
+    assert float(last["miou"]) == pytest.approx(float(own["miou"]))
 
 
 def test_attention_cache_with_diffcut_is_refused_before_the_model_loads(

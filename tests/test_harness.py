@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from eval.schema import check_run
 from eval.state import open_run_state
 from eval.visualize import find_edges, save_label_png
 from tests import fixtures as fx
-from tests.helpers import offline_env, run_module
+from tests.helpers import offline_env, run_module, wandb_summary
 
 RES = 64
 LIMIT = 4
@@ -160,41 +159,10 @@ def test_results_equal_independent_scoring_of_saved_predictions(reference: Path)
     assert [int(r["fn"]) for r in per_class] == fn.tolist()
 
 
-def wandb_records(path: Path):
-    """The protobuf records of a W&B transaction log (`.wandb`): a 7-byte header (":W&B", magic,
-    version), then LevelDB-log blocks of 32 KiB whose chunks have a 7-byte header (crc32, length,
-    type: 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a header: zero padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 and length == 0:
-            break
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
-
-
 @pytest.mark.slow
 def test_wandb_offline_run_holds_summary_metrics(reference: Path) -> None:
     run = reference / "run"
-    (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    summary = {}
-    for record in wandb_records(log):
-        if record.WhichOneof("record_type") == "summary":
-            summary.update(
-                {item.key: json.loads(item.value_json) for item in record.summary.update}
-            )
+    summary = wandb_summary(run)
     (row,) = read_csv_rows(run / "results.csv")
     assert summary["miou"] == pytest.approx(float(row["miou"]), rel=1e-12)
     assert summary["pixel_accuracy"] == pytest.approx(float(row["pixel_accuracy"]), rel=1e-12)
