@@ -124,3 +124,20 @@ def test_torchrun_two_processes_equal_one_and_resume(tmp_path: Path) -> None:
     assert by_index[0] == old[0] and by_index[3] == old[3]
     assert len(read_csv_rows(ledger2)) == 1
     assert not list(resumed.glob("per_image.rank*"))
+
+
+def test_torchrun_scores_each_added_segmenter_as_one_process(tmp_path: Path) -> None:
+    extra = ("+segmenter@segmenters.kc=kmeans_c", "segmenters.kc.n_clusters=3")
+    ledger = tmp_path / "ledger.csv"
+    _run([*TORCHRUN, "-m", "eval", *ARGS, *extra, f"paths.ledger={ledger}",
+          f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)  # fmt: skip
+    _run([sys.executable, "-m", "eval", *ARGS, *extra, f"paths.ledger={ledger}",
+          f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)  # fmt: skip
+    for sub in ("", "segmenters/kc"):
+        two, one = tmp_path / "two" / sub, tmp_path / "one" / sub
+        assert _numbers(two) == _numbers(one)
+        assert sorted(r["index"] for r in read_jsonl(two / "per_image.jsonl")) == [0, 1, 2, 3, 4]
+        assert not list(two.glob("per_image.rank*"))
+    rows = read_csv_rows(ledger)
+    assert [r["segmenter"] for r in rows] == ["diffseg", "kmeans_c"] * 2
+    assert _numbers(tmp_path / "two") != _numbers(tmp_path / "two" / "segmenters" / "kc")
