@@ -106,6 +106,29 @@ def test_folder_round_trip_full_and_empty_prompt_only(pipe, images, tmp_path):
         DiffSegPipeline.from_pretrained(full)
 
 
+def test_a_folder_in_ssd1b_hub_layout_loads(pipe, images, tmp_path):
+    # `hf download segmind/SSD-1B`: a StableDiffusionXLPipeline index with its own config keys and
+    # unused parts, an Euler scheduler; DiffSeg reads what it needs and noises as DDPM.
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index.update(
+        _class_name="StableDiffusionXLPipeline",
+        scheduler=["diffusers", "EulerDiscreteScheduler"],
+        force_zeros_for_empty_prompt=True,
+        image_encoder=[None, None],
+        feature_extractor=[None, None],
+    )
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    config = tmp_path / "scheduler" / "scheduler_config.json"
+    euler = EulerDiscreteScheduler.from_config(json.loads(config.read_text()))
+    config.write_text(json.dumps({**dict(euler.config), "_class_name": "EulerDiscreteScheduler"}))
+    loaded = DiffSegPipeline.from_pretrained(tmp_path, device="cpu")
+    assert isinstance(loaded.scheduler, DDPMScheduler) and loaded.is_xl
+    expected = pipe.unet_pass(images, timestep=50, resolution=RES, noise=True, seed=42)
+    got = loaded.unet_pass(images, timestep=50, resolution=RES, noise=True, seed=42)
+    assert torch.equal(got.features, expected.features)
+
+
 def test_an_sdxl_embedding_without_its_pooled_part_is_refused(pipe):
     embeds = pipe.encode_prompt("")
     parts = (pipe.unet, pipe.vae, pipe.scheduler)
