@@ -91,8 +91,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = "\n".join(
         [
-            f"Machine: {machine(torch.device(args.device))}; resolution {args.resolution}, batch {args.batch}; best "
-            f"of {args.repeats} after one warm-up. Per batch, all three segmenters.",
+            f"Machine: {machine(torch.device(args.device))}; resolution {args.resolution}, "
+            f"batch {args.batch}; best of {args.repeats} after one warm-up. Per batch, all "
+            "three segmenters.",
             "",
             *rows,
         ]

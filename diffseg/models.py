@@ -22,6 +22,7 @@ ids). Its second tokenizer pads with "!" as SDXL's does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -180,28 +181,31 @@ def _tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     )
 
 
+def _seeded(seed: int, **builders: Callable[[], torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The modules the ``builders`` make, in order, with weights drawn after
+    ``torch.manual_seed(seed)``, in eval mode without gradients; the global RNG state is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = {name: build() for name, build in builders.items()}
+    for module in modules.values():
+        module.eval().requires_grad_(False)
+    return modules
+
+
 def build_tiny(seed: int = 0) -> dict[str, Any]:
     """The tiny components, with weights drawn from `torch.manual_seed(seed)`-style generators.
 
     Returns a dict with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` (all in eval mode).
     The global RNG state is left untouched.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_unet_config())
-        vae = AutoencoderKL(**tiny_vae_config())
-        text_encoder = CLIPTextModel(tiny_text_config())
-    tokenizer = _tiny_tokenizer()
+    modules = _seeded(
+        seed,
+        unet=lambda: UNet2DConditionModel(**tiny_unet_config()),
+        vae=lambda: AutoencoderKL(**tiny_vae_config()),
+        text_encoder=lambda: CLIPTextModel(tiny_text_config()),
+    )
     scheduler = DDPMScheduler.from_config(sd14_scheduler_config())
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    return {**modules, "tokenizer": _tiny_tokenizer(), "scheduler": scheduler}
 
 
 def build_tiny_xl(seed: int = 0) -> dict[str, Any]:
@@ -211,19 +215,15 @@ def build_tiny_xl(seed: int = 0) -> dict[str, Any]:
     `tokenizer_2`, `scheduler`. The scheduler is SDXL's noise schedule as DDPM's (the pipeline
     only noises latents with it).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_xl_unet_config())
-        vae = AutoencoderKL(**{**tiny_vae_config(), "scaling_factor": SDXL_SCALING_FACTOR})
-        text_encoder = CLIPTextModel(tiny_text_config())
-        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(projection_dim=32))
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        module.eval().requires_grad_(False)
+    modules = _seeded(
+        seed,
+        unet=lambda: UNet2DConditionModel(**tiny_xl_unet_config()),
+        vae=lambda: AutoencoderKL(**{**tiny_vae_config(), "scaling_factor": SDXL_SCALING_FACTOR}),
+        text_encoder=lambda: CLIPTextModel(tiny_text_config()),
+        text_encoder_2=lambda: CLIPTextModelWithProjection(tiny_text_config(projection_dim=32)),
+    )
     return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "text_encoder_2": text_encoder_2,
+        **modules,
         "tokenizer": _tiny_tokenizer(),
         "tokenizer_2": _tiny_tokenizer(pad_token="!"),
         "scheduler": DDPMScheduler.from_config(sd14_scheduler_config()),
