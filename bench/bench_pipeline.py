@@ -94,9 +94,15 @@ def _timed(fn: Callable[[], T], device: torch.device, times: dict, mem: dict, ke
     return result
 
 
+MODELS = ("tiny", "tiny_xl", "sd14")
+
+
 def build(model: str, device: str, dtype: str | None) -> DiffSegPipeline:
-    if model == "tiny":
-        return DiffSegPipeline.from_tiny(0, device, dtype)
+    """One of :data:`MODELS`: the tiny random models, or SD 1.4's shapes with random weights."""
+    if model in ("tiny", "tiny_xl"):
+        return DiffSegPipeline.from_tiny(0, device, dtype, "sdxl" if model == "tiny_xl" else "sd")
+    if model != "sd14":
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**sd14_unet_config())
     vae = AutoencoderKL(**sd14_vae_config())

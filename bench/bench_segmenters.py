@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_pipeline import bench_images, build, machine, report
+from bench_pipeline import MODELS, bench_images, build, machine, report
 from omegaconf import OmegaConf
 from timing import timed
 
@@ -31,14 +31,19 @@ from eval.segmenters import segment_all, segment_batch, segmenter_call
 SEGMENTERS = {"diffseg": {}, "kmeans_c": {}, "diffcut": {"timestep": 300, "noise": False}}
 
 
-def calls(resolution: int, seed: int = 0) -> list[dict[str, Any]]:
+def calls(pipe: Any, resolution: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The three segmenters' call settings; DiffSeg's anchors per side at most the model's
+    largest attention map's side (16 at 256 px on SD 1.x, 8 at 128)."""
+    side = pipe.attention_sides(resolution)[0]
     out = []
     for name, changes in SEGMENTERS.items():
         # Under a root holding the run's keys, as in the composed config (`seed: ${seed}`).
         root = OmegaConf.create({"seed": seed})
         root.segmenter = OmegaConf.load(PROJECT_ROOT / "conf" / "segmenter" / f"{name}.yaml")
         config = {**OmegaConf.to_container(root.segmenter, resolve=True), **changes}
-        out.append(segmenter_call(config, resolution, seed))
+        if name == "diffseg":
+            config["num_points"] = min(config["num_points"], side)
+        out.append(segmenter_call(config, resolution, seed, scale_factor=resolution // side))
     return out
 
 
@@ -54,7 +59,7 @@ def bench_model(model: str, args: argparse.Namespace) -> str:
     """One table row: both ways timed on the same images, their labels compared."""
     device = torch.device(args.device)
     pipe = build(model, args.device, args.dtype)
-    settings = calls(args.resolution)
+    settings = calls(pipe, args.resolution)
     images = bench_images(args.batch, args.resolution)
     items = [{"id": str(i)} for i in range(args.batch)]
     segment_all(pipe, images, items, settings)  # warm-up
@@ -75,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: fp32 on CPU, fp16 on CUDA")
-    parser.add_argument("--models", nargs="+", default=["tiny", "sd14"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=MODELS)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)

@@ -95,7 +95,8 @@ def model_folder(model: str, revision: str | None) -> Path:
     if path.exists() or looks_local(model):
         raise ModelNotFoundError(
             f"model={model!r}: no such directory. Expected a Stable Diffusion model in diffusers "
-            f"layout (model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/); {FIX}"
+            f"layout (model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/; SDXL "
+            f"and SSD-1B also text_encoder_2/, tokenizer_2/); {FIX}"
         )
     try:
         skip = dict.fromkeys(UNUSED_PARTS)

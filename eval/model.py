@@ -24,6 +24,8 @@ def load_model(model_cfg: Mapping[str, Any], device: torch.device) -> Any:
 
     Raises:
         ModelLoadError: the model cannot be loaded; the message ends with :data:`HYDRA_FIX`.
+        ValueError: a model setting the builder refuses (``model.KEY: message``), without
+            Hydra's wrapping.
     """
     try:
         return hydra.utils.instantiate(model_cfg, device=device)
@@ -31,4 +33,6 @@ def load_model(model_cfg: Mapping[str, Any], device: torch.device) -> Any:
         cause = e.__cause__
         if isinstance(cause, ModelLoadError):
             raise type(cause)(f"{cause}; {HYDRA_FIX}") from cause
+        if isinstance(cause, ValueError):
+            raise ValueError(f"model ({model_cfg.get('_target_')}): {cause}") from cause
         raise

@@ -179,7 +179,7 @@ _DIFFCUT = {
 _SSD1B = {"model": "ssd1b", "model_id": "segmind/SSD-1B", "dtype": "float16"}
 DIFFCUT = Table(
     name="diffcut",
-    title="DiffSeg re-evaluated under the DiffCut protocol (protocol=diffcut), mIoU",
+    title="DiffCut's table: DiffSeg re-evaluated and DiffCut, under its protocol (protocol=diffcut), mIoU",
     datasets={
         "voc": "val",
         "pascal_context59": "val",

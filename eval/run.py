@@ -60,6 +60,18 @@ def check_cache(cfg: DictConfig, calls: list[dict[str, Any]]) -> None:
         )
 
 
+def segmenter_calls(
+    segmenters: dict[str, dict[str, Any]], resolution: int, seed: int, scale_factor: int = 8
+) -> list[dict[str, Any]]:
+    """The call settings of each segmenter (config key -> config), checked for a model with
+    ``scale_factor`` input pixels per position of its largest attention map (8: SD 1.x's, the
+    smallest; the loaded model's is known only once it is loaded)."""
+    return [
+        segmenter_call(segmenter, resolution, seed, key, scale_factor)
+        for key, segmenter in segmenters.items()
+    ]
+
+
 def load_pipeline(cfg: DictConfig, device: torch.device, resolution: int, n_todo: int) -> Any:
     """The model (compiled, behind the attention cache, as configured); None with nothing to do."""
     if not n_todo:
@@ -146,8 +158,12 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     resolution = protocol.input_resolution or cfg.dataset.get("resolution") or 512
     check_resolution_pair(protocol, resolution)
     extras = extra_segmenters(cfg.get("segmenters"))
-    segmenters = [OmegaConf.to_container(cfg.segmenter, resolve=True), *extras.values()]
-    calls = [segmenter_call(s, resolution, cfg.seed) for s in segmenters]
+    by_key = {
+        "segmenter": OmegaConf.to_container(cfg.segmenter, resolve=True),
+        **{f"segmenters.{key}": segmenter for key, segmenter in extras.items()},
+    }
+    segmenters = list(by_key.values())
+    calls = segmenter_calls(by_key, resolution, cfg.seed)
     check_cache(cfg, calls)
     dirs = [run_dir, *(run_dir / EXTRA_DIR / key for key in extras)]
     for folder in dirs[1:]:
@@ -157,6 +173,8 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     run_id, records, todo = open_run(cfg, device, n_total, rank, dirs)
     resolved, settings = run_settings(cfg, protocol, resolution, device, dataset, segmenters)
     pipeline = load_pipeline(cfg, device, resolution, len(todo))
+    if pipeline is not None:  # again for this model's attention grid (SDXL: resolution / 16)
+        segmenter_calls(by_key, resolution, cfg.seed, pipeline.attention_scale_factor)
     tracks = make_tracks(calls, dirs, records, dataset.n_class, ["", *extras])
     logger = make_logger(cfg, resolved, run_id, rank)
     loop = Loop(cfg, dataset, pipeline, device, tracks, logger, rank)

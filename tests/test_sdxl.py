@@ -221,3 +221,46 @@ def paper_row(row: dict[str, str]) -> dict:
     for key in ("protocol_settings", "segmenter_settings", "dataset_settings"):
         parsed[key] = json.loads(row[key])
     return parsed
+
+
+def _compose(tmp_path: Path, monkeypatch, *overrides: str):
+    from eval.prepare import compose_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFSEG_HOME", str(tmp_path))
+    common = ["dataset=synthetic", "limit=1", "num_workers=0", "logger=csv"]
+    return compose_config([*common, *overrides])
+
+
+def test_merge_settings_are_checked_for_the_loaded_models_grid_before_any_image(
+    tmp_path: Path,
+) -> None:
+    # num_points=16 fits SD 1.x's 16x16 latent at 128 px, not SDXL's 8x8 maps: refused once the
+    # model is known, before the loop starts (no progress bar, no record).
+    out = run_module(
+        "eval", tmp_path, "dataset=synthetic", "model=tiny_xl", "dataset.resolution=128",
+        "limit=1", "num_workers=0", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "S=8] (anchors per side" in out.stderr and "16 px per position), got 16" in out.stderr
+    assert "synthetic:" not in out.stderr
+    assert not (tmp_path / "run" / "per_image.jsonl").exists()
+
+
+def test_an_added_segmenters_error_names_its_key(tmp_path: Path, monkeypatch) -> None:
+    import eval.run
+
+    cfg = _compose(
+        tmp_path, monkeypatch, "model=tiny", "dataset.resolution=64", "segmenter.num_points=8",
+        "+segmenter@segmenters.dc=diffcut", "segmenters.dc.tau=-1",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"^segmenters\.dc \(segmenter=diffcut\): .*tau"):
+        eval.run.evaluate(cfg)
+
+
+def test_a_model_setting_the_builder_refuses_is_named_without_hydras_wrapping() -> None:
+    from eval.model import load_model
+
+    cfg = {"_target_": "diffseg.pipeline.DiffSegPipeline.from_tiny", "layout": "sd3"}
+    with pytest.raises(ValueError, match=r"^model \(diffseg.*from_tiny\): layout must be one of"):
+        load_model(cfg, torch.device("cpu"))

@@ -343,13 +343,13 @@ def test_empty_directory_prints_the_published_tables(tmp_path, capsys, monkeypat
     main([])
     out = capsys.readouterr().out
     assert "no runs recorded yet" in out
-    _, body = body_of(out.split("### DiffSeg re-evaluated")[0])
+    _, body = body_of(out.split("### DiffCut's table")[0])
     coco, city = body[("DiffSeg", "COCO-Stuff-27")], body[("DiffSeg", "Cityscapes")]
     assert [coco["Acc paper"], coco["mIoU paper"], city["Acc paper"], city["mIoU paper"]] == [
         "72.5", "43.6", "76.0", "21.2",
     ]  # fmt: skip
     assert coco["mIoU ours"] == "not run"
-    _, follow_up = body_of(out.split("### DiffSeg re-evaluated")[1])
+    _, follow_up = body_of(out.split("### DiffCut's table")[1])
     assert [follow_up[("DiffSeg", d)]["mIoU paper"] for d in ("VOC", "ADE20K")] == ["49.8", "37.7"]
     assert sorted(p.name for p in (tmp_path / "outputs" / "tables").iterdir())[:1] == [
         "diffcut.csv"

@@ -43,8 +43,8 @@ class DiffSegSettings(AttentionSettings):
                 f"{self.first_merge_dtype!r}"
             )
 
-    def check(self, resolution: int) -> None:
-        check_merge_settings(resolution, self.num_points, self.kl_threshold)
+    def check(self, resolution: int, scale_factor: int = 8) -> None:
+        check_merge_settings(resolution, self.num_points, self.kl_threshold, scale_factor)
 
 
 @register("diffseg", schema=DiffSegSettings)

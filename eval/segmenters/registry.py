@@ -35,8 +35,9 @@ class SegmenterSettings:
 
     name: str = MISSING
 
-    def check(self, resolution: int) -> None:
-        """The checks that need the model input side ``resolution`` (none here)."""
+    def check(self, resolution: int, scale_factor: int = 8) -> None:
+        """The checks that need the model input side ``resolution`` and the model's input pixels
+        per position of its largest attention map ``scale_factor`` (none here)."""
 
 
 @dataclass
@@ -115,15 +116,29 @@ def settings(segmenter: Mapping[str, Any]) -> dict[str, Any]:
     return given(_checked(segmenter), segmenter)
 
 
-def segmenter_call(segmenter: Mapping[str, Any], resolution: int, seed: int) -> dict[str, Any]:
+def segmenter_call(
+    segmenter: Mapping[str, Any],
+    resolution: int,
+    seed: int,
+    where: str = "segmenter",
+    scale_factor: int = 8,
+) -> dict[str, Any]:
     """The checked call settings for :func:`segment_batch` from ``cfg.segmenter`` (a plain dict):
     :func:`settings`, checked against the input side ``resolution`` (DiffSeg: the merge settings,
     :func:`diffseg.merge.check_merge_settings`), so a bad value fails before the model loads.
+    Once the model is loaded, ``scale_factor`` (its ``attention_scale_factor``: 16 for SDXL) checks
+    them again for that model.
 
-    ``seed`` (the run's) is used unless the segmenter config sets its own.
+    ``seed`` (the run's) is used unless the segmenter config sets its own. ``where``: the config
+    key of the segmenter (``segmenters.KEY`` for an added one), named by any error.
     """
-    checked = _checked(segmenter)
-    checked.check(resolution)
+    try:
+        checked = _checked(segmenter)
+        checked.check(resolution, scale_factor)
+    except ValueError as e:
+        if where == "segmenter":
+            raise
+        raise ValueError(f"{where} (segmenter={segmenter.get('name')}): {e}") from None
     return {"seed": seed, **given(checked, segmenter), "resolution": resolution}
 
 
