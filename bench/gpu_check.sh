@@ -12,6 +12,9 @@
 #   merge    bench_merge.py --device cuda: the merge on the GPU against the elementwise form. ~1 min.
 #   nccl     torchrun over all GPUs (NCCL) on the tiny model; results.csv lands in $OUT. ~1 min.
 #   compile  bench_pipeline.py --compile (inductor) at batch 8; compiling takes minutes.
+#   sdxl     the SDXL-shaped tiny model in fp16 on CUDA (VAE upcast, CUDA noise draw) with DiffSeg,
+#            K-Means-C and DiffCut in one run, and bench_segmenters.py (one shared UNet pass
+#            against a pass each) on the SD 1.4 config at 512, batch 4. ~2 min.
 #
 # The machine needs a CUDA build of torch and the project's dependencies (`make setup` does both).
 # An air-gapped node that has torch and transformers but not the rest can take the pure-Python
@@ -76,8 +79,19 @@ for stage in "${stages[@]}"; do
         $PY bench/bench_pipeline.py --device cuda --models sd14 --batch-sizes 8 --compile \
             --warmup 1 --repeats 3 --append "$OUT/RESULTS.md"
         ;;
+    sdxl)
+        run=outputs/gpu_check_sdxl
+        rm -rf "$run"
+        $PY -m eval dataset=synthetic model=tiny_xl model.dtype=float16 device=cuda limit=16 \
+            batch_size=8 protocol=diffcut protocol.resolution=256 segmenter.num_points=16 \
+            +segmenter@segmenters.kmeans_c=kmeans_c +segmenter@segmenters.diffcut=diffcut \
+            logger=csv "hydra.run.dir=$run" "paths.ledger=$run/ledger.csv" 2>&1 | tee "$OUT/sdxl.log"
+        cp "$run/ledger.csv" "$OUT/sdxl_ledger.csv"
+        (cd bench && $PY bench_segmenters.py --device cuda --resolution 512 --batch 4 \
+            --repeats 3 --append "../$OUT/RESULTS.md")
+        ;;
     *)
-        echo "unknown stage '$stage': use speed, merge, nccl, compile or wheels" >&2
+        echo "unknown stage '$stage': use speed, merge, nccl, compile, sdxl or wheels" >&2
         exit 2
         ;;
     esac
