@@ -50,7 +50,14 @@ from diffseg.attention import (
 )
 from diffseg.devices import resolve_device, resolve_dtype
 from diffseg.features import capture_features
-from diffseg.loading import PROMPT_EMBEDS_FILE, check_folder, load_prompt_embeds, model_folder
+from diffseg.loading import (
+    PROMPT_EMBEDS_FILE,
+    TEXT_PARTS,
+    XL_TEXT_PARTS,
+    check_folder,
+    load_prompt_embeds,
+    model_folder,
+)
 from diffseg.models import SDXL_TIME_IDS, build_tiny, build_tiny_xl
 from diffseg.preprocess import to_model_input
 from diffseg.segmenter import AttentionSegmenter, DiffSegOutput, UNetPass
@@ -129,12 +136,15 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         """Whether the UNet is SDXL-shaped: it takes the pooled text embedding and time ids."""
         return self.unet.config.get("addition_embed_type") == "text_time"
 
+    @property
+    def text_parts(self) -> tuple[str, ...]:
+        """The text encoders and tokenizers the UNet's conditioning needs (SDXL: both pairs)."""
+        return TEXT_PARTS + (XL_TEXT_PARTS if self.is_xl else ())
+
     def _check_text_parts(
         self, prompt_embeds: torch.Tensor | None, pooled: torch.Tensor | None
     ) -> None:
-        encoders = ("text_encoder", "tokenizer") + (
-            ("text_encoder_2", "tokenizer_2") if self.is_xl else ()
-        )
+        encoders = self.text_parts
         has_encoders = all(getattr(self, name) is not None for name in encoders)
         has_embeds = prompt_embeds is not None and (pooled is not None or not self.is_xl)
         if not (has_encoders or has_embeds):
@@ -268,9 +278,7 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         return self.prompt_conditioning(prompt)[0]
 
     def _run_text_encoders(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        parts = ("text_encoder", "tokenizer") + (
-            ("text_encoder_2", "tokenizer_2") if self.is_xl else ()
-        )
+        parts = self.text_parts
         if any(getattr(self, name) is None for name in parts):
             raise ValueError(
                 f"prompt={prompt!r}: this model was loaded with only the empty-prompt embedding "
