@@ -344,9 +344,15 @@ def _segmenter_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
 
 
 def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
-    """How the (parsed, version 2) ledger ``row`` differs from ``cell``'s published setting."""
+    """How the (parsed, version 2) ledger ``row`` differs from ``cell``'s published setting.
+
+    A model input side set by the protocol (``protocol.resolution``, ``protocol.model_resolution``)
+    is listed once, as the protocol's setting."""
     checks = (_model_deviations, _data_deviations, _protocol_deviations, _segmenter_deviations)
-    return [problem for check in checks for problem in check(row, cell)]
+    problems = [problem for check in checks for problem in check(row, cell)]
+    if any(p.startswith(("protocol.resolution=", "protocol.model_resolution=")) for p in problems):
+        problems = [p for p in problems if not p.startswith("resolution=")]
+    return problems
 
 
 def deviations(row: Mapping[str, Any]) -> list[str]:

@@ -306,7 +306,8 @@ def test_diffcut_runs_that_deviate_target_a_diffcut_line(overrides, model, chang
         ((*COCO, "segmenter.noise=true"), {}, ["segmenter.noise=True"]),
         (COCO, {"n_images": 2, "n_skipped": 1}, ["images 2 of 2175", "1 skipped"]),
         ((*DIFFCUT, "protocol.pamr=false"), {}, ["protocol.pamr=False"]),
-        ((*DIFFCUT, "protocol.model_resolution=512"), {}, ["resolution=512", "protocol.model_resolution=512"]),
+        ((*DIFFCUT, "protocol.model_resolution=512"), {}, ["protocol.model_resolution=512"]),
+        ((*DIFFCUT, "protocol.resolution=128"), {}, ["protocol.resolution=128"]),
     ],
 )  # fmt: skip
 def test_deviations_name_each_setting_that_differs(overrides, changes, expected):
