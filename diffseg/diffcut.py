@@ -247,6 +247,9 @@ def diffcut_segment(
     c, h, w = features.shape[1:]
     labels = []
     for image in features:
-        segments = recursive_ncut(affinity(image.reshape(c, -1).T, alpha), tau)
+        # Nodes as contiguous rows (N, C), as DiffCut's hook output is, whatever the input's
+        # memory layout: the matrix products' rounding, hence close cuts, depend on it.
+        nodes = image.reshape(c, -1).T.contiguous()
+        segments = recursive_ncut(affinity(nodes, alpha), tau)
         labels.append(assign_high_res(image, segments.reshape(h, w), size))
     return torch.stack(labels)

@@ -39,12 +39,9 @@ class FeatureStore:
     features: torch.Tensor | None = None
 
 
-def feature_layer(unet: torch.nn.Module) -> str:
-    """Module name of DiffCut's feature layer in ``unet``.
-
-    ``down_blocks.2.attentions.1.transformer_blocks.0.attn1`` for SD 1.x,
-    ``down_blocks.2.attentions.1.transformer_blocks.9.attn1`` for SDXL.
-    """
+def feature_block(unet: torch.nn.Module) -> int:
+    """Index of the down block holding DiffCut's feature layer: the last one with attentions (2
+    for SD 1.x and SDXL); its level, so the features are ``latent / 2**index`` per side."""
     blocks = [
         i
         for i, block in enumerate(getattr(unet, "down_blocks", ()))
@@ -55,10 +52,28 @@ def feature_layer(unet: torch.nn.Module) -> str:
             f"{type(unet).__name__} has no down block with attentions: DiffCut's features need a "
             "UNet2DConditionModel-style encoder (down_blocks with transformer blocks)"
         )
-    block = unet.down_blocks[blocks[-1]]
+    return blocks[-1]
+
+
+def feature_shape(unet: torch.nn.Module, latent_side: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the features of a ``latent_side`` square latent (SD 1.x at 512 px:
+    ``(1280, 16, 16)``)."""
+    index = feature_block(unet)
+    side = latent_side >> index
+    return unet.config.block_out_channels[index], side, side
+
+
+def feature_layer(unet: torch.nn.Module) -> str:
+    """Module name of DiffCut's feature layer in ``unet``.
+
+    ``down_blocks.2.attentions.1.transformer_blocks.0.attn1`` for SD 1.x,
+    ``down_blocks.2.attentions.1.transformer_blocks.9.attn1`` for SDXL.
+    """
+    index = feature_block(unet)
+    block = unet.down_blocks[index]
     transformer = len(block.attentions) - 1
     layer = len(block.attentions[transformer].transformer_blocks) - 1
-    return f"down_blocks.{blocks[-1]}.attentions.{transformer}.transformer_blocks.{layer}.attn1"
+    return f"down_blocks.{index}.attentions.{transformer}.transformer_blocks.{layer}.attn1"
 
 
 @contextmanager

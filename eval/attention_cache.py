@@ -1,10 +1,14 @@
-"""An on-disk cache of each image's per-resolution self-attention, for cheap merge-parameter sweeps.
+"""An on-disk cache of each image's UNet pass (per-resolution self-attention and DiffCut's features),
+for cheap sweeps of the segmenters' own settings.
 
-DiffSeg's cost is the UNet pass; the merging (``kl_threshold``, ``num_points``, ``refine``) and the
-K-means baselines only read the block-averaged attention. With ``cache.attention=true`` the
-harness stores, per image, the attention maps ``(r*r, r*r)`` of every resolution ``r`` in
-``cache.dtype`` (bfloat16 by default) as one safetensors file, and a later run with the same
-model and capture settings reads them instead of running the VAE and UNet.
+DiffSeg's cost is the UNet pass; the merging (``kl_threshold``, ``num_points``, ``refine``), the
+K-means baselines and DiffCut's cut (``tau``, ``alpha``) only read what the pass gives. With
+``cache.attention=true`` the harness stores, per image, the attention maps ``(r*r, r*r)`` of every
+resolution ``r`` and DiffCut's features ``(C, h, w)`` (``diffseg.features``, captured in the same
+pass, a few hundred KiB) in ``cache.dtype`` (bfloat16 by default) as one safetensors file, and a
+later run with the same model and pass settings reads them instead of running the VAE and UNet.
+An entry written without features (before they were stored) is computed again for a segmenter
+that reads them.
 
 Key (SHA-256 of a JSON document): the model config (target, name or path, revision, dtype,
 seed), the device type and compute dtype, the storage dtype, the image's content (its float32
@@ -15,8 +19,8 @@ depend on the batching either.
 
 The stored values are rounded to the storage dtype, and a run with the cache always segments the
 rounded values (computed or read), so every run with the cache gives the same numbers; bfloat16
-keeps ~3 significant digits and float32's range (``cache.dtype=float32`` keeps the attention exact:
-the labels then equal an uncached run). float16 is refused: it flushes probabilities below 6e-8 to
+keeps ~3 significant digits and float32's range (``cache.dtype=float32`` keeps the attention and
+features exact: the labels then equal an uncached run). float16 is refused: it flushes probabilities below 6e-8 to
 zero, a zero makes the KL of that map infinite, and peaked attention then stops merging
 (``bench/bench_merge.py`` measures it). Files are written to a temporary name and moved into place
 (``os.replace``), so concurrent runs and kills never leave half a file; a file that cannot be
@@ -37,11 +41,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
+from diffseg.features import feature_shape
 from diffseg.segmenter import AttentionSegmenter, UNetPass
 from eval.atomic import atomic_open
 
 CACHE_VERSION = 1
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+FEATURES = "features"  # the tensor name of the features in an entry; attention maps are "r<side>"
 
 
 def image_hash(image: torch.Tensor) -> str:
@@ -85,8 +91,10 @@ class AttentionCache:
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str) -> dict[int, torch.Tensor] | None:
-        """Resolution -> ``(N, N)`` in the storage dtype, or None when absent or unreadable."""
+    def load(self, key: str) -> UNetPass | None:
+        """The stored pass of one image: resolution -> ``(N, N)`` and the features ``(C, h, w)``
+        (None in entries written without them), in the storage dtype; None when absent or
+        unreadable."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -94,11 +102,16 @@ class AttentionCache:
             tensors = load_file(path)
         except (OSError, SafetensorError):
             return None
-        return {int(name.removeprefix("r")): t for name, t in tensors.items()}
+        features = tensors.pop(FEATURES, None)
+        attention = {int(name.removeprefix("r")): t for name, t in tensors.items()}
+        return UNetPass(attention, features)
 
-    def save(self, key: str, attention: Mapping[int, torch.Tensor]) -> None:
-        """Store resolution -> ``(N, N)`` (already in the storage dtype), atomically."""
-        tensors = {f"r{r}": t.detach().cpu().contiguous() for r, t in attention.items()}
+    def save(self, key: str, stored: UNetPass) -> None:
+        """Store one image's pass (already in the storage dtype), atomically."""
+        tensors = {f"r{r}": t for r, t in stored.attention.items()}
+        if stored.features is not None:
+            tensors[FEATURES] = stored.features
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         with atomic_open(self.path(key), "wb") as f:
             f.write(safetensors_save(tensors))
 
@@ -110,18 +123,19 @@ class AttentionCache:
 
 
 def bytes_per_image(pipeline: Any, resolution: int, dtype: str) -> int:
-    """Stored bytes per image: ``sum_r (r*r)**2 * itemsize`` over the UNet's attention resolutions
-    (``pipeline.attention_sides``)."""
+    """Stored bytes per image: ``sum_r (r*r)**2`` over the UNet's attention resolutions
+    (``pipeline.attention_sides``) plus the ``C * h * w`` features, times the item size."""
     itemsize = STORAGE_DTYPES[dtype].itemsize
-    return sum(r**4 for r in pipeline.attention_sides(resolution)) * itemsize
+    c, h, w = feature_shape(pipeline.unet, resolution // pipeline.vae_scale_factor)
+    return (sum(r**4 for r in pipeline.attention_sides(resolution)) + c * h * w) * itemsize
 
 
 class CachedAttentionPipeline(AttentionSegmenter):
-    """A ``DiffSegPipeline`` whose attention comes from an :class:`AttentionCache` when stored.
+    """A ``DiffSegPipeline`` whose UNet passes come from an :class:`AttentionCache` when stored.
 
-    Only ``attention`` and ``unet_pass`` are its own; ``__call__`` and ``aggregate`` (``AttentionSegmenter``'s, as
-    the pipeline's) run on the (stored-precision) attention it returns; every other attribute is
-    the pipeline's.
+    Only ``attention`` and ``unet_pass`` are its own; ``__call__`` and ``aggregate``
+    (``AttentionSegmenter``'s, as the pipeline's) run on the (stored-precision) attention it
+    returns, DiffCut on its features; every other attribute is the pipeline's.
     """
 
     def __init__(self, pipeline: Any, cache: AttentionCache) -> None:
@@ -142,34 +156,7 @@ class CachedAttentionPipeline(AttentionSegmenter):
     ) -> dict[int, torch.Tensor]:
         """Resolution (largest first) -> ``(B, r*r, r*r)`` float32 on the pipeline's device, read
         from the cache where stored; the UNet runs only for the images that are not."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ValueError(
-                "the attention cache takes images as a float tensor (B, 3, H, W), got "
-                f"{type(images).__name__}"
-            )
-        self.pipeline.check_resolution(resolution)
-        settings = {"timestep": int(timestep), "resolution": resolution, "prompt": prompt}
-        settings.update(noise=bool(noise), seed=int(seed) if noise else None)
-        hashes = [image_hash(image) for image in images]
-        keys = [self.cache.key(h, settings) for h in hashes]
-        stored = [self.cache.load(k) for k in keys]
-        missing = [i for i, s in enumerate(stored) if s is None]
-        if missing:
-            computed = self.pipeline.attention(
-                images[missing], timestep, resolution, prompt, noise, seed
-            )
-            # On the CPU, as what `load` reads: one copy for the batch, and one device to stack.
-            computed = {r: a.to("cpu", self.cache.dtype) for r, a in computed.items()}
-            for j, i in enumerate(missing):
-                stored[i] = {r: a[j] for r, a in computed.items()}
-                self.cache.save(keys[i], stored[i])
-        self.cache.misses += len(missing)
-        self.cache.hits += len(images) - len(missing)
-        resolutions = sorted(stored[0], reverse=True)
-        device = self.pipeline.device
-        return {
-            r: torch.stack([s[r] for s in stored]).to(device, torch.float32) for r in resolutions
-        }
+        return self.unet_pass(images, timestep, resolution, prompt, noise, seed, False).attention
 
     def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
@@ -181,14 +168,42 @@ class CachedAttentionPipeline(AttentionSegmenter):
         seed: int = 0,
         features: bool = True,
     ) -> UNetPass:
-        """``attention`` as a ``UNetPass``; the cache stores no UNet features, so ``features``
-        is refused (without this method the pipeline's own would bypass the cache)."""
-        if features:
+        """The pipeline's ``unet_pass`` read from the cache where stored (float32 on the
+        pipeline's device); the UNet runs only for the images that are not (or, when
+        ``features``, whose entry has none), and stores both attention and features."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
             raise ValueError(
-                "the attention cache stores no UNet features, which segmenter=diffcut reads: "
-                "run it with cache.attention=false"
+                "the attention cache takes images as a float tensor (B, 3, H, W), got "
+                f"{type(images).__name__}"
             )
-        return UNetPass(self.attention(images, timestep, resolution, prompt, noise, seed))
+        self.pipeline.check_resolution(resolution)
+        settings = {"timestep": int(timestep), "resolution": resolution, "prompt": prompt}
+        settings.update(noise=bool(noise), seed=int(seed) if noise else None)
+        keys = [self.cache.key(image_hash(image), settings) for image in images]
+        stored = [self.cache.load(k) for k in keys]
+        missing = [
+            i for i, s in enumerate(stored) if s is None or (features and s.features is None)
+        ]
+        if missing:
+            computed = self.pipeline.unet_pass(
+                images[missing], timestep, resolution, prompt, noise, seed, features=True
+            )
+            # On the CPU, as what `load` reads: one copy for the batch, and one device to stack.
+            attention = {r: a.to("cpu", self.cache.dtype) for r, a in computed.attention.items()}
+            feats = computed.features.to("cpu", self.cache.dtype)
+            for j, i in enumerate(missing):
+                stored[i] = UNetPass({r: a[j] for r, a in attention.items()}, feats[j])
+                self.cache.save(keys[i], stored[i])
+        self.cache.misses += len(missing)
+        self.cache.hits += len(images) - len(missing)
+        device = self.pipeline.device
+
+        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(tensors).to(device, torch.float32)
+
+        resolutions = sorted(stored[0].attention, reverse=True)
+        attention = {r: stack([s.attention[r] for s in stored]) for r in resolutions}
+        return UNetPass(attention, stack([s.features for s in stored]) if features else None)
 
 
 def from_config(

@@ -29,7 +29,6 @@ from eval.protocol import Protocol, ProtocolData, check_dataset, check_resolutio
 from eval.runtime import RunError, resolve_device, seed_everything
 from eval.schema import check_run
 from eval.segmenters import EXTRA_DIR, extra_segmenters, segmenter_call
-from eval.segmenters import get as segmenter_spec
 from eval.state import check_writable, open_run
 
 
@@ -45,19 +44,6 @@ def load_data(cfg: DictConfig, protocol: Protocol) -> Dataset:
     if len(dataset) == 0:
         raise RunError(f"dataset {cfg.dataset.name} ({cfg.dataset.get('split')}) has no images")
     return dataset
-
-
-def check_cache(cfg: DictConfig, calls: list[dict[str, Any]]) -> None:
-    """The attention cache stores attention only: a segmenter that reads the UNet's features
-    (DiffCut) cannot run behind it. Checked before the data and the model load."""
-    if not (cfg.get("cache") and cfg.cache.attention):
-        return
-    readers = [c["name"] for c in calls if segmenter_spec(c.get("name", "diffseg")).features]
-    if readers:
-        raise RunError(
-            f"cache.attention=true stores attention only, but segmenter(s) {readers} read the "
-            "UNet's features; set cache.attention=false for this run"
-        )
 
 
 def segmenter_calls(
@@ -164,7 +150,6 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     }
     segmenters = list(by_key.values())
     calls = segmenter_calls(by_key, resolution, cfg.seed)
-    check_cache(cfg, calls)
     dirs = [run_dir, *(run_dir / EXTRA_DIR / key for key in extras)]
     for folder in dirs[1:]:
         folder.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,10 @@ def test_second_run_reads_the_cache_without_the_unet(tmp_path, images) -> None:
     files = sorted(tmp_path.rglob("*.safetensors"))
     assert len(files) == 3
     stored = second.cache.load(files[0].stem)
-    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
-    assert sum(t.numel() * 2 for t in stored.values()) == bytes_per_image(pipe, RES, "bfloat16")
+    tensors = [*stored.attention.values(), stored.features]
+    assert {t.dtype for t in tensors} == {torch.bfloat16}
+    assert tuple(stored.features.shape) == (64, 2, 2)  # the tiny model's, latent 8 / 4
+    assert sum(t.numel() * 2 for t in tensors) == bytes_per_image(pipe, RES, "bfloat16")
     assert not list(tmp_path.rglob("*.tmp"))
 
 

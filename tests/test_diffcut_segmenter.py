@@ -160,23 +160,52 @@ def test_each_segmenter_is_logged_in_the_run_logger_under_its_key(tmp_path: Path
     assert float(last["miou"]) == pytest.approx(float(own["miou"]))
 
 
-def test_attention_cache_with_diffcut_is_refused_before_the_model_loads(
-    tmp_path: Path, monkeypatch
-) -> None:
-    import eval.run
-    from eval.prepare import compose_config
+def test_diffcut_labels_do_not_depend_on_the_features_memory_layout(pipe, images) -> None:
+    # The pass gives (B, C, h, w) as a view of the layer's (B, N, C) output; a cache or another
+    # pipeline gives it contiguous. Same values, same labels.
+    features = pipe.unet_pass(images, **PASS).features
+    assert not features.is_contiguous()
+    view = diffcut_segment(features, 64)
+    assert torch.equal(diffcut_segment(features.contiguous(), 64), view)
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the settings were checked")
 
-    monkeypatch.setattr(eval.run, "load_model", no_model)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DIFFSEG_HOME", str(tmp_path))
-    cfg = compose_config(
-        ["dataset=synthetic", "segmenter=diffseg", "+segmenter@segmenters.diffcut=diffcut",
-         "cache.attention=true", "dataset.resolution=64", "segmenter.num_points=8", "limit=1",
-         "num_workers=0", "logger=csv"]
-    )  # fmt: skip
-    with pytest.raises(eval.run.RunError, match=r"segmenter\(s\) \['diffcut'\] read the UNet"):
-        eval.run.evaluate(cfg)
-    assert not (tmp_path / "run.json").exists()
+def test_diffcut_reads_its_features_from_the_attention_cache(pipe, images, tmp_path) -> None:
+    from diffseg.segmenter import UNetPass
+    from eval.attention_cache import AttentionCache, CachedAttentionPipeline, image_hash
+
+    items = [{"id": "a"}, {"id": "b"}]
+    (call,) = _calls()[2:]
+    expected = segment_batch(pipe, images, items, call)
+    pass_ = {k: call[k] for k in ("timestep", "resolution", "prompt", "noise", "seed")}
+    full = pipe.unet_pass(images[:1], **pass_, features=False).attention
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(1))
+    try:
+        first = CachedAttentionPipeline(pipe, AttentionCache(tmp_path, {"m": 0}, "float32"))
+        assert torch.equal(segment_batch(first, images, items, call), expected)
+        again = CachedAttentionPipeline(pipe, AttentionCache(tmp_path, {"m": 0}, "float32"))
+        assert torch.equal(segment_batch(again, images, items, call), expected)
+        assert len(seen) == 1 and again.cache.hits == 2
+        # An entry stored without features (an older cache) serves attention, not DiffCut.
+        old = CachedAttentionPipeline(pipe, AttentionCache(tmp_path / "old", {"m": 0}, "float32"))
+        key = old.cache.key(image_hash(images[0]), pass_)
+        old.cache.save(key, UNetPass({r: a[0] for r, a in full.items()}))
+        old.attention(images[:1], **pass_)
+        assert len(seen) == 1
+        assert torch.equal(segment_batch(old, images[:1], items[:1], call), expected[:1])
+        assert len(seen) == 2 and old.cache.load(key).features is not None
+    finally:
+        hook.remove()
+
+
+def test_a_diffcut_run_behind_the_cache_runs_the_unet_once(tmp_path: Path) -> None:
+    args = (*RUN, "segmenter=diffcut", "cache.attention=true", "cache.dtype=float32")
+    first = run_module("eval", tmp_path, *args, "hydra.run.dir=a")
+    assert first.returncode == 0, first.stderr
+    second = run_module("eval", tmp_path, *args, "segmenter.tau=0.7", "hydra.run.dir=b")
+    assert second.returncode == 0, second.stderr
+    assert "2 image(s) read, 0 computed" in second.stdout
+    alone = run_module("eval", tmp_path, *RUN, "segmenter=diffcut", "segmenter.tau=0.7",
+                       "hydra.run.dir=c")  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    assert _records(tmp_path / "b") == _records(tmp_path / "c")
