@@ -1,8 +1,8 @@
 """DiffSeg's steps after the attention: aggregation (`diffseg.aggregate`) and merging
 (`diffseg.merge`), on whatever gives the per-resolution self-attention of a batch.
 
-`DiffSegPipeline` runs the model for it; `eval.attention_cache.CachedAttentionPipeline` reads
-stored maps. Both inherit `aggregate` and `__call__` from `AttentionSegmenter`, so they segment
+`DiffSegPipeline` runs the model for it; `PassSource` subclasses take the passes from elsewhere
+(`eval.attention_cache.CachedAttentionPipeline` reads stored maps). All inherit `aggregate` and `__call__` from `AttentionSegmenter`, so they segment
 the same way.
 """
 
@@ -126,3 +126,29 @@ class AttentionSegmenter:
             )
             labels = torch.stack([proposals_to_labels(p, resolution) for p in proposals])
         return DiffSegOutput(labels.cpu(), attention, aggregated, proposals)
+
+
+class PassSource(AttentionSegmenter):
+    """A pipeline whose UNet passes come from elsewhere (a cache, a memo of the batch's passes):
+    a subclass gives `unet_pass(images, timestep, resolution, prompt, noise, seed, features)`
+    (`DiffSegPipeline.unet_pass`'s signature); `attention` is its attention, and every other
+    attribute is the wrapped `pipeline`'s."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+    def attention(
+        self,
+        images: Any,
+        timestep: int = 300,
+        resolution: int = 512,
+        prompt: str = "",
+        noise: bool = False,
+        seed: int = 0,
+    ) -> dict[int, torch.Tensor]:
+        """The attention of the subclass's `unet_pass`, without features (what `aggregate` and
+        `__call__` read)."""
+        return self.unet_pass(images, timestep, resolution, prompt, noise, seed, False).attention

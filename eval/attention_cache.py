@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from diffseg.features import feature_shape
-from diffseg.segmenter import AttentionSegmenter, UNetPass
+from diffseg.segmenter import PassSource, UNetPass
 from eval.atomic import atomic_open
 
 CACHE_VERSION = 1
@@ -130,33 +130,16 @@ def bytes_per_image(pipeline: Any, resolution: int, dtype: str) -> int:
     return (sum(r**4 for r in pipeline.attention_sides(resolution)) + c * h * w) * itemsize
 
 
-class CachedAttentionPipeline(AttentionSegmenter):
+class CachedAttentionPipeline(PassSource):
     """A ``DiffSegPipeline`` whose UNet passes come from an :class:`AttentionCache` when stored.
 
-    Only ``attention`` and ``unet_pass`` are its own; ``__call__`` and ``aggregate``
-    (``AttentionSegmenter``'s, as the pipeline's) run on the (stored-precision) attention it
-    returns, DiffCut on its features; every other attribute is the pipeline's.
+    Only ``unet_pass`` is its own (:class:`diffseg.segmenter.PassSource`); ``__call__`` and
+    ``aggregate`` run on the (stored-precision) attention it returns, DiffCut on its features.
     """
 
     def __init__(self, pipeline: Any, cache: AttentionCache) -> None:
-        self.pipeline = pipeline
+        super().__init__(pipeline)
         self.cache = cache
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipeline, name)
-
-    def attention(
-        self,
-        images: torch.Tensor,
-        timestep: int = 300,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-    ) -> dict[int, torch.Tensor]:
-        """Resolution (largest first) -> ``(B, r*r, r*r)`` float32 on the pipeline's device, read
-        from the cache where stored; the UNet runs only for the images that are not."""
-        return self.unet_pass(images, timestep, resolution, prompt, noise, seed, False).attention
 
     def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,

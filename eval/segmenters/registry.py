@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from diffseg.segmenter import AttentionSegmenter, UNetPass
+from diffseg.segmenter import PassSource, UNetPass
 from eval.schema import given, validate
 
 # (pipeline, images (B, 3, H, W), the batch's dataset items, call settings) -> labels (B, R, R).
@@ -174,7 +174,7 @@ def segment_batch(
     return get(call.get("name", "diffseg")).segment(pipeline, images, items, call)
 
 
-class SharedPass(AttentionSegmenter):
+class SharedPass(PassSource):
     """A pipeline whose UNet passes are computed once per images and pass setting and then
     reused, for several segmenters on one batch; every other attribute is the pipeline's.
 
@@ -186,13 +186,10 @@ class SharedPass(AttentionSegmenter):
     """
 
     def __init__(self, pipeline: Any, features: bool = False) -> None:
-        self.pipeline = pipeline
+        super().__init__(pipeline)
         self.features = features
         self.passes: dict[tuple, UNetPass] = {}
         self.images: list[Any] = []  # held, so that their ids in the keys stay theirs
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipeline, name)
 
     def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
@@ -215,18 +212,6 @@ class SharedPass(AttentionSegmenter):
                 images, timestep, resolution, prompt, noise, seed, features=self.features
             )
         return self.passes[key]
-
-    def attention(
-        self,
-        images: Any,
-        timestep: int = 300,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-    ) -> dict[int, torch.Tensor]:
-        """The attention of :meth:`unet_pass` (what ``aggregate`` and ``__call__`` read)."""
-        return self.unet_pass(images, timestep, resolution, prompt, noise, seed, False).attention
 
 
 def segment_all(
