@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.ndimage import maximum_filter, minimum_filter
 
 from eval.atomic import atomic_open
 from eval.protocol import clusters_kept
@@ -59,14 +58,39 @@ def boundary_band(labels: np.ndarray, d: int) -> np.ndarray:
 
     For a binary mask this is Cheng et al.'s ``mask - erode(mask, 3x3, d iterations)`` with the
     image zero-padded: a pixel stays in the eroded mask iff every pixel of the ``(2d + 1)`` square
-    around it is in the mask. Here for every region at once: the square holds another value (or
-    lies partly outside the image) iff its maximum and minimum differ.
+    around it is in the mask. Here for every region at once: the square holds another value iff
+    it holds two 4-neighbours with different values (it is a box, so a 4-path inside it joins any
+    two of its pixels), and it lies partly outside the image iff the pixel is within ``d`` of the
+    border. So the band is the border frame plus the changes between horizontal and vertical
+    neighbours dilated by the square (as running ORs, ~20x faster than the max/min filters this
+    equals: ``tests/test_rescore.py``).
     """
-    size = 2 * d + 1
-    outside = int(labels.min()) - 1  # a value no region has
-    high = maximum_filter(labels, size=size, mode="constant", cval=outside)
-    low = minimum_filter(labels, size=size, mode="constant", cval=outside)
-    return high != low
+    h, w = labels.shape
+    band = np.ones((h, w), dtype=bool)
+    if h <= 2 * d or w <= 2 * d:
+        return band
+    # A change between columns j and j + 1 lies in the square of the pixels of columns
+    # j + 1 - d .. j + d: 2d columns of pairs, 2d + 1 rows (vertical changes likewise).
+    horizontal = labels[:, 1:] != labels[:, :-1]
+    vertical = labels[1:] != labels[:-1]
+    inner = running_any(running_any(horizontal, 2 * d, axis=1), 2 * d + 1, axis=0)
+    inner |= running_any(running_any(vertical, 2 * d, axis=0), 2 * d + 1, axis=1)
+    band[d : h - d, d : w - d] = inner
+    return band
+
+
+def running_any(a: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """``out[k] = a[k : k + width].any()`` along ``axis`` (0 or 1) of a 2-D bool ``a``, for
+    every full window: ``a.shape[axis] - width + 1`` of them, by doubling spans."""
+    if axis == 1:
+        return running_any(a.T, width, 0).T
+    n, out, span = a.shape[0], a, 1
+    while span < width:
+        step = min(span, width - span)
+        n -= step
+        out = out[:n] | out[step : n + step]
+        span += step
+    return out
 
 
 def image_table(pred: Any, label: Any, n_class: int) -> np.ndarray:
@@ -77,24 +101,36 @@ def image_table(pred: Any, label: Any, n_class: int) -> np.ndarray:
         label: ``(H, W)`` class ids; values outside ``[0, n_class)`` are ignored (last row).
         n_class: number of classes.
     """
-    p = np.asarray(pred.cpu() if hasattr(pred, "cpu") else pred).astype(np.int64)
-    y = np.asarray(label.cpu() if hasattr(label, "cpu") else label).astype(np.int64)
+    p = np.asarray(pred.cpu() if hasattr(pred, "cpu") else pred)
+    y = np.asarray(label.cpu() if hasattr(label, "cpu") else label)
+    if p.dtype.kind not in "iu" or y.dtype.kind not in "iu":
+        raise ValueError(
+            f"pred and label must hold integer ids, got {p.dtype} and {y.dtype}; pass the argmax "
+            "labels (e.g. pred.long()), not scores"
+        )
+    p, y = p.astype(np.int64, copy=False), y.astype(np.int64, copy=False)
     if p.shape != y.shape or p.ndim != 2 or p.size == 0 or p.min() < 0:
         raise ValueError(
             f"pred and label must be non-empty (H, W) maps of the same shape with segment ids "
             f">= 0, got pred {p.shape} and label {y.shape}"
         )
     d = boundary_width(*y.shape)
-    gt_band, pred_band = boundary_band(y, d), boundary_band(p, d)
+    # One bincount of (cell, band code): code bit 0 = in the ground truth's band, bit 1 = in
+    # the prediction's; each layer is then a sum of codes.
+    code = boundary_band(y, d).view(np.uint8) + 2 * boundary_band(p, d).view(np.uint8)
     row = np.where((y >= 0) & (y < n_class), y, n_class)
     n_seg = int(p.max()) + 1
-    cell = (row * n_seg + p).reshape(-1)
-    masks = (None, gt_band, pred_band, gt_band & pred_band)
     size = (n_class + 1) * n_seg
-    layers = [
-        np.bincount(cell if m is None else cell[m.reshape(-1)], minlength=size) for m in masks
-    ]
-    return np.stack(layers).reshape(len(LAYERS), n_class + 1, n_seg)
+    by_code = np.bincount(((row * n_seg + p) * 4 + code).reshape(-1), minlength=4 * size)
+    by_code = by_code.reshape(size, 4)
+    layers = [by_code.sum(axis=1), by_code[:, 1] + by_code[:, 3], by_code[:, 2] + by_code[:, 3]]
+    return np.stack([*layers, by_code[:, 3]]).reshape(len(LAYERS), n_class + 1, n_seg)
+
+
+def n_segments(table: np.ndarray) -> int:
+    """The segment ids with a pixel (ignored pixels included) in an image's table: the distinct
+    values of its prediction."""
+    return int(table[0].any(axis=0).sum())
 
 
 def histogram(table: np.ndarray) -> np.ndarray:
@@ -135,8 +171,13 @@ def merge_background(table: np.ndarray, background: int) -> np.ndarray:
 # Storage
 
 
+def part_name(rank: int, first_index: int) -> str:
+    """A part's path relative to the run folder (what each record keeps)."""
+    return f"{PART_DIR}/part-{rank}-{first_index:06d}.parquet"
+
+
 def part_path(run_dir: Path, rank: int, first_index: int) -> Path:
-    return run_dir / PART_DIR / f"part-{rank}-{first_index:06d}.parquet"
+    return run_dir / part_name(rank, first_index)
 
 
 def to_columns(index: int, table: np.ndarray) -> dict[str, np.ndarray]:

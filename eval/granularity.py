@@ -42,8 +42,7 @@ FILES = ("granularity.csv", "granularity.png")
 def image_counts(table: np.ndarray) -> tuple[int, int]:
     """``(n_segments, n_gt_classes)`` of one image's table: segment ids with a pixel (ignored
     pixels included, as the record's ``segments``) and classes with a labelled pixel."""
-    counts = table[0]
-    return int(counts.any(axis=0).sum()), int(counts[:-1].any(axis=1).sum())
+    return contingency.n_segments(table), int(table[0, :-1].any(axis=1).sum())
 
 
 def rates(n_segments: np.ndarray, n_classes: np.ndarray) -> tuple[float, float]:

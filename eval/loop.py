@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
@@ -24,11 +24,12 @@ from diffseg.preprocess import resize_label
 from eval import contingency, distributed, visualize
 from eval.atomic import JsonlAppender
 from eval.datasets.base import DataFileError
-from eval.matching import match_per_image
+from eval.matching import match_histogram
 from eval.metrics import HungarianIoU, scores_from_counts
 from eval.protocol import Scoring
 from eval.runtime import RunError
 from eval.segmenters import segment_all
+from eval.writer import Writer
 
 
 class IndexedItems(Dataset):
@@ -110,24 +111,20 @@ def to_label_size(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def score_item(
-    index: int,
-    item: Mapping[str, Any],
-    pred: torch.Tensor,
-    match: Callable[[torch.Tensor, torch.Tensor], tuple],
-    run_dir: Path,
-    save_predictions: bool,
+    index: int, item: Mapping[str, Any], table: np.ndarray, order: np.ndarray | None
 ) -> dict[str, Any]:
-    """One image's record for ``per_image.jsonl``; saves its prediction as a label PNG.
-    ``match``: the protocol's matching (``Scoring.match``), counts in the dataset's class order."""
-    tp, fp, fn, total = match(pred, item["label"])
+    """One image's record for ``per_image.jsonl``, from its contingency ``table``
+    (``contingency.image_table`` of the prediction and the label as scored): the protocol's
+    matching on its histogram (``order``: ``Scoring.order``; counts in the dataset's class
+    order) and its segments."""
+    tp, fp, fn, total = match_histogram(contingency.histogram(table), order)
     scores = scores_from_counts(
         torch.from_numpy(tp), torch.from_numpy(fp), torch.from_numpy(fn), total
     )
-    name = safe_name(index, item["id"])
-    record = {
+    return {
         "index": index,
         "id": item["id"],
-        "segments": int(torch.unique(pred).numel()),
+        "segments": contingency.n_segments(table),
         "accuracy": float(scores["pixel_accuracy"]),
         "miou": float(scores["miou"]),
         "tp": tp.tolist(),
@@ -135,10 +132,6 @@ def score_item(
         "fn": fn.tolist(),
         "total": int(total),
     }
-    if save_predictions:
-        visualize.save_label_png(pred, run_dir / "predictions" / f"{name}.png")
-        record["prediction"] = f"predictions/{name}.png"
-    return record
 
 
 def save_qualitative(
@@ -210,6 +203,7 @@ class Loop:
     logger: Any
     rank: distributed.Rank = distributed.SINGLE
     score: Scoring | None = None
+    writer: Writer = field(init=False)  # the files and records of :meth:`run` in flight
 
     def run(self, todo: Sequence[int]) -> None:
         """Evaluate the images ``todo`` (those some track has not finished), adding their
@@ -222,6 +216,7 @@ class Loop:
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
         )
+        self.writer = Writer()
         appenders = [
             JsonlAppender(distributed.records_file(t.run_dir, rank.rank)) for t in self.tracks
         ]
@@ -241,7 +236,7 @@ class Loop:
             for batch in loader:
                 news = self.batch(batch, start)
                 for track, appender, new in zip(self.tracks, appenders, news, strict=True):
-                    appender.append(new)
+                    self.writer.submit(appender.append, new)  # after the files they name
                     track.records.update({r["index"]: r for r in new})
                 running = running_scores(main.metric)
                 bar.set_postfix(
@@ -257,8 +252,11 @@ class Loop:
                 start = time.perf_counter()
         finally:
             bar.close()
-            for appender in appenders:
-                appender.close()
+            try:
+                self.writer.close()  # the last batches' files and records; a failed write raises
+            finally:
+                for appender in appenders:
+                    appender.close()
 
     def batch(self, batch: dict[str, Any], start: float) -> list[list[dict[str, Any]]]:
         """Per track, the new records of one ``collate`` batch (skipped items included; images
@@ -286,7 +284,9 @@ class Loop:
             for index, item, pred, rec in records:
                 rec["seconds"] = seconds
                 if index < self.cfg.n_qualitative:
-                    save_qualitative(index, item, pred, dataset.class_names, track.run_dir)
+                    self.writer.submit(
+                        save_qualitative, index, item, pred, dataset.class_names, track.run_dir
+                    )
                 track.metric.update(counts=rec)  # the counts the matching just made
                 new.append(rec)
         return news
@@ -308,21 +308,24 @@ class Loop:
         preds = [to_label_size(p, it["label"]) for _, it, p in todo]
         if self.score is not None:
             items, preds = self.score.batch(items, preds)
-        match = (
-            self.score.match
-            if self.score is not None
-            else partial(match_per_image, n_class=self.dataset.n_class)
-        )
-        records = [
-            score_item(i, item, pred, match, track.run_dir, self.cfg.save_predictions)
-            for i, item, pred in zip(index, items, preds, strict=True)
-        ]
-        # Stored before the records name it: what eval.rescore and the granularity read.
+        order = self.score.order if self.score is not None else None
+        n_class = self.dataset.n_class
         tables = {
-            i: contingency.image_table(pred, item["label"], self.dataset.n_class)
+            i: contingency.image_table(pred, item["label"], n_class)
             for i, item, pred in zip(index, items, preds, strict=True)
         }
-        part = contingency.write_part(track.run_dir, self.rank.rank, tables)
+        records = [
+            score_item(i, item, tables[i], order) for i, item in zip(index, items, strict=True)
+        ]
+        if self.cfg.save_predictions:
+            for rec, pred in zip(records, preds, strict=True):
+                rec["prediction"] = f"predictions/{safe_name(rec['index'], rec['id'])}.png"
+                self.writer.submit(
+                    visualize.save_label_png, pred, track.run_dir / rec["prediction"]
+                )
+        # Written before the records name it: what eval.rescore and the granularity read.
+        part = contingency.part_name(self.rank.rank, min(tables))
+        self.writer.submit(contingency.write_part, track.run_dir, self.rank.rank, tables)
         for rec in records:
             rec["contingency"] = part
         return list(zip(index, items, preds, records, strict=True))

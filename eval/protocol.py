@@ -325,6 +325,15 @@ class Scoring:
             pred = refine_labels(pred, image, p.pamr_iterations, p.pamr_dilations)
         return {**item, "image": image, "label": label}, pred
 
+    @property
+    def order(self) -> np.ndarray | None:
+        """The class order :meth:`match` solves the assignment in, as
+        ``eval.matching.assign_histogram`` takes it: DiffCut's under ``compat`` with a background
+        class, else None (the dataset's)."""
+        if not (self.protocol.compat and self.background is not None):
+            return None
+        return background_last(self.n_class, self.background)
+
     def match(
         self, pred: torch.Tensor, label: torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
