@@ -62,28 +62,29 @@ def boundary_band(labels: np.ndarray, d: int) -> np.ndarray:
     it holds two 4-neighbours with different values (it is a box, so a 4-path inside it joins any
     two of its pixels), and it lies partly outside the image iff the pixel is within ``d`` of the
     border. So the band is the border frame plus the changes between horizontal and vertical
-    neighbours dilated by the square (as running ORs, ~20x faster than the max/min filters this
-    equals: ``tests/test_rescore.py``).
+    neighbours dilated by the square, as running ORs: several times faster than the maximum and
+    minimum filters it equals (``tests/test_host_scoring.py``).
     """
     h, w = labels.shape
     band = np.ones((h, w), dtype=bool)
     if h <= 2 * d or w <= 2 * d:
         return band
-    # A change between columns j and j + 1 lies in the square of the pixels of columns
-    # j + 1 - d .. j + d: 2d columns of pairs, 2d + 1 rows (vertical changes likewise).
-    horizontal = labels[:, 1:] != labels[:, :-1]
-    vertical = labels[1:] != labels[:-1]
-    inner = running_any(running_any(horizontal, 2 * d, axis=1), 2 * d + 1, axis=0)
-    inner |= running_any(running_any(vertical, 2 * d, axis=0), 2 * d + 1, axis=1)
+    # A change between columns j and j + 1 lies in the squares of the pixels of columns
+    # j + 1 - d .. j + d: 2d pairs wide, 2d + 1 rows high (vertical changes likewise). The
+    # horizontal pairs are taken on the flat image (contiguous), the pairs across rows dropped.
+    flat = labels.reshape(-1)
+    horizontal = np.zeros(h * w + 2 * d - 1, dtype=bool)
+    np.not_equal(flat[1:], flat[:-1], out=horizontal[: h * w - 1])
+    horizontal[w - 1 : h * w : w] = False
+    inner = running_any(running_any(horizontal, 2 * d).reshape(h, w)[:, : w - 2 * d], 2 * d + 1)
+    inner |= running_any_across(running_any(labels[1:] != labels[:-1], 2 * d), 2 * d + 1)
     band[d : h - d, d : w - d] = inner
     return band
 
 
-def running_any(a: np.ndarray, width: int, axis: int) -> np.ndarray:
-    """``out[k] = a[k : k + width].any()`` along ``axis`` (0 or 1) of a 2-D bool ``a``, for
-    every full window: ``a.shape[axis] - width + 1`` of them, by doubling spans."""
-    if axis == 1:
-        return running_any(a.T, width, 0).T
+def running_any(a: np.ndarray, width: int) -> np.ndarray:
+    """``out[k] = a[k : k + width].any(axis=0)`` for every full window along the first axis of a
+    bool ``a``: ``a.shape[0] - width + 1`` of them, by doubling spans."""
     n, out, span = a.shape[0], a, 1
     while span < width:
         step = min(span, width - span)
@@ -91,6 +92,26 @@ def running_any(a: np.ndarray, width: int, axis: int) -> np.ndarray:
         out = out[:n] | out[step : n + step]
         span += step
     return out
+
+
+def running_any_across(a: np.ndarray, width: int) -> np.ndarray:
+    """:func:`running_any` along the second axis of a 2-D bool ``a``, ``(H, W - width + 1)``: on
+    the flat array (contiguous), where no full window of a row reaches the next row."""
+    h, w = a.shape
+    flat = np.zeros(h * w + width - 1, dtype=bool)
+    flat[: h * w] = a.reshape(-1)
+    return running_any(flat, width).reshape(h, w)[:, : w - width + 1]
+
+
+def pixel_counts(pred: Any, label: Any, n_class: int) -> np.ndarray:
+    """Layer 0 of :func:`image_table` alone, ``(n_class + 1, pred.max() + 1)`` int64: all the
+    scoring needs (the boundary layers are for the stored table)."""
+    p, y = _maps(pred, label)
+    n_seg = int(p.max()) + 1
+    cell = _rows(y, n_class)
+    cell *= n_seg
+    cell += p
+    return np.bincount(cell.reshape(-1), minlength=(n_class + 1) * n_seg).reshape(-1, n_seg)
 
 
 def image_table(pred: Any, label: Any, n_class: int) -> np.ndarray:
@@ -101,6 +122,25 @@ def image_table(pred: Any, label: Any, n_class: int) -> np.ndarray:
         label: ``(H, W)`` class ids; values outside ``[0, n_class)`` are ignored (last row).
         n_class: number of classes.
     """
+    p, y = _maps(pred, label)
+    d = boundary_width(*y.shape)
+    # One bincount of (cell, band code): code bit 0 = in the ground truth's band, bit 1 = in
+    # the prediction's; each layer is then a sum of codes.
+    n_seg = int(p.max()) + 1
+    cell = _rows(y, n_class)
+    cell *= 4 * n_seg
+    cell += 4 * p
+    cell += boundary_band(y, d)
+    cell += 2 * boundary_band(p, d).view(np.uint8)
+    size = (n_class + 1) * n_seg
+    by_code = np.bincount(cell.reshape(-1), minlength=4 * size)
+    by_code = by_code.reshape(size, 4)
+    layers = [by_code.sum(axis=1), by_code[:, 1] + by_code[:, 3], by_code[:, 2] + by_code[:, 3]]
+    return np.stack([*layers, by_code[:, 3]]).reshape(len(LAYERS), n_class + 1, n_seg)
+
+
+def _maps(pred: Any, label: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``pred`` and ``label`` (torch or numpy) as int64 arrays, checked."""
     p = np.asarray(pred.cpu() if hasattr(pred, "cpu") else pred)
     y = np.asarray(label.cpu() if hasattr(label, "cpu") else label)
     if p.dtype.kind not in "iu" or y.dtype.kind not in "iu":
@@ -114,29 +154,26 @@ def image_table(pred: Any, label: Any, n_class: int) -> np.ndarray:
             f"pred and label must be non-empty (H, W) maps of the same shape with segment ids "
             f">= 0, got pred {p.shape} and label {y.shape}"
         )
-    d = boundary_width(*y.shape)
-    # One bincount of (cell, band code): code bit 0 = in the ground truth's band, bit 1 = in
-    # the prediction's; each layer is then a sum of codes.
-    code = boundary_band(y, d).view(np.uint8) + 2 * boundary_band(p, d).view(np.uint8)
-    row = np.where((y >= 0) & (y < n_class), y, n_class)
-    n_seg = int(p.max()) + 1
-    size = (n_class + 1) * n_seg
-    by_code = np.bincount(((row * n_seg + p) * 4 + code).reshape(-1), minlength=4 * size)
-    by_code = by_code.reshape(size, 4)
-    layers = [by_code.sum(axis=1), by_code[:, 1] + by_code[:, 3], by_code[:, 2] + by_code[:, 3]]
-    return np.stack([*layers, by_code[:, 3]]).reshape(len(LAYERS), n_class + 1, n_seg)
+    return p, y
 
 
-def n_segments(table: np.ndarray) -> int:
-    """The segment ids with a pixel (ignored pixels included) in an image's table: the distinct
-    values of its prediction."""
-    return int(table[0].any(axis=0).sum())
+def _rows(y: np.ndarray, n_class: int) -> np.ndarray:
+    """A new int64 copy of the labels ``y``, ignored ones (outside ``[0, n_class)``) as
+    ``n_class``: negative ones are huge as unsigned."""
+    return np.minimum(y.view(np.uint64), n_class).view(np.int64)
+
+
+def n_segments(counts: np.ndarray) -> int:
+    """The segment ids with a pixel (ignored pixels included): the distinct values of the
+    prediction. ``counts``: an image's table or its :func:`pixel_counts`."""
+    return int((counts[0] if counts.ndim == 3 else counts).any(axis=0).sum())
 
 
 def histogram(table: np.ndarray) -> np.ndarray:
     """The official histogram of the image (``eval.matching.confusion_histogram``): the labelled
-    rows of the pixel counts, ``(n_class, max(n_class, n_seg))``."""
-    counts = table[0, :-1]
+    rows of the pixel counts, ``(n_class, max(n_class, n_seg))``. ``table``: an image's table or
+    its :func:`pixel_counts`."""
+    counts = (table[0] if table.ndim == 3 else table)[:-1]
     n_class, n_seg = counts.shape
     return np.pad(counts, ((0, 0), (0, max(0, n_class - n_seg))))
 

@@ -111,20 +111,20 @@ def to_label_size(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def score_item(
-    index: int, item: Mapping[str, Any], table: np.ndarray, order: np.ndarray | None
+    index: int, item: Mapping[str, Any], counts: np.ndarray, order: np.ndarray | None
 ) -> dict[str, Any]:
-    """One image's record for ``per_image.jsonl``, from its contingency ``table``
-    (``contingency.image_table`` of the prediction and the label as scored): the protocol's
-    matching on its histogram (``order``: ``Scoring.order``; counts in the dataset's class
-    order) and its segments."""
-    tp, fp, fn, total = match_histogram(contingency.histogram(table), order)
+    """One image's record for ``per_image.jsonl``, from its pixel ``counts``
+    (``contingency.pixel_counts`` of the prediction and the label as scored): the protocol's
+    matching on their histogram (``order``: ``Scoring.order``; counts in the dataset's class
+    order) and the segments."""
+    tp, fp, fn, total = match_histogram(contingency.histogram(counts), order)
     scores = scores_from_counts(
         torch.from_numpy(tp), torch.from_numpy(fp), torch.from_numpy(fn), total
     )
     return {
         "index": index,
         "id": item["id"],
-        "segments": contingency.n_segments(table),
+        "segments": contingency.n_segments(counts),
         "accuracy": float(scores["pixel_accuracy"]),
         "miou": float(scores["miou"]),
         "tp": tp.tolist(),
@@ -132,6 +132,22 @@ def score_item(
         "fn": fn.tolist(),
         "total": int(total),
     }
+
+
+def write_tables(
+    run_dir: Path,
+    rank: int,
+    index: Sequence[int],
+    preds: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    n_class: int,
+) -> None:
+    """The contingency part of a batch's images ``index`` (predictions and labels as scored)."""
+    tables = {
+        i: contingency.image_table(pred, label, n_class)
+        for i, pred, label in zip(index, preds, labels, strict=True)
+    }
+    contingency.write_part(run_dir, rank, tables)
 
 
 def save_qualitative(
@@ -310,12 +326,9 @@ class Loop:
             items, preds = self.score.batch(items, preds)
         order = self.score.order if self.score is not None else None
         n_class = self.dataset.n_class
-        tables = {
-            i: contingency.image_table(pred, item["label"], n_class)
-            for i, item, pred in zip(index, items, preds, strict=True)
-        }
         records = [
-            score_item(i, item, tables[i], order) for i, item in zip(index, items, strict=True)
+            score_item(i, item, contingency.pixel_counts(pred, item["label"], n_class), order)
+            for i, item, pred in zip(index, items, preds, strict=True)
         ]
         if self.cfg.save_predictions:
             for rec, pred in zip(records, preds, strict=True):
@@ -323,9 +336,13 @@ class Loop:
                 self.writer.submit(
                     visualize.save_label_png, pred, track.run_dir / rec["prediction"]
                 )
-        # Written before the records name it: what eval.rescore and the granularity read.
-        part = contingency.part_name(self.rank.rank, min(tables))
-        self.writer.submit(contingency.write_part, track.run_dir, self.rank.rank, tables)
+        # The part eval.rescore and the granularity read: computed (the boundary bands are most
+        # of the work) and written by the writer, before the records that name it.
+        part = contingency.part_name(self.rank.rank, min(index))
+        labels = [item["label"] for item in items]
+        self.writer.submit(
+            write_tables, track.run_dir, self.rank.rank, index, preds, labels, n_class
+        )
         for rec in records:
             rec["contingency"] = part
         return list(zip(index, items, preds, records, strict=True))
