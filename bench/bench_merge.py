@@ -1,4 +1,5 @@
-"""Benchmark DiffSeg merging: `segment_attention` versus the direct elementwise reference.
+"""Benchmark DiffSeg merging: `segment_attention` (its KL in float64, and in float32 with the float64
+re-check near the threshold: `kl_dtype`) versus the direct elementwise reference.
 
 One (1, 64, 64, 64, 64) aggregated map built from peaked synthetic attention at 4 resolutions,
 16x16 anchors, 3 merging iterations. Each method runs in a fresh subprocess that loads the saved
@@ -12,6 +13,7 @@ aggregating (as the attention cache stores it) or its scores are computed in the
 half-precision UNet does).
 
     .venv/bin/python bench/bench_merge.py [--device cuda] [--ref-dtype float64] [--repeat 3]
+        [--skip-reference]
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def _child(method: str, path: str, device: str, ref_dtype: str, repeat: int) -> 
     aggregated = torch.load(path).to(device)
 
     def segment() -> torch.Tensor:
-        if method == "fast":
-            return segment_attention(aggregated, THRESHOLDS, num_points=16)[0]
+        if method in ("float64", "float32"):
+            return segment_attention(aggregated, THRESHOLDS, num_points=16, kl_dtype=method)[0]
         dtype = getattr(torch, ref_dtype)
         return reference_segment(aggregated[0], THRESHOLDS, num_points=16, dtype=dtype)
 
@@ -72,8 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ref-dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--repeat", type=int, default=3, help="runs of the fast path (median)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each matrix-KL path (median)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-reference", action="store_true", help="only the two KL paths")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -87,10 +90,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "aggregated.pt")
         torch.save(aggregated, path)
-        fast = _run("fast", path, args, args.repeat)
-        ref = _run("reference", path, args, 1)
-        fast_labels = torch.load(f"{path}.fast.labels")
-        ref_labels = torch.load(f"{path}.reference.labels")
+        methods = ["float64", "float32"] + ([] if args.skip_reference else ["reference"])
+        results = {m: _run(m, path, args, 1 if m == "reference" else args.repeat) for m in methods}
+        labels = {m: torch.load(f"{path}.{m}.labels") for m in methods}
 
     maps = aggregated[0].reshape(-1, 64, 64)
     grid = sampling_grid(16, 64)
@@ -103,26 +105,30 @@ def main() -> None:
         t: int(((kl[torch.float32] < t) != (kl[torch.float64] < t)).sum()) for t in FLIP_THRESHOLDS
     }
 
-    same = torch.equal(fast_labels, ref_labels)
     underflow = (maps.flatten(1) <= 2**-25).any(dim=1).double().mean().item() * 100
     print(f"device: {args.device} ({machine(torch.device(args.device))})")
     print("input: 1 x 64^4 aggregated attention, 16x16 anchors, kl_threshold (1.1, 1.1, 1.1)")
     print()
-    print("| method | time (s) | peak memory (MiB) | speed-up | labels identical | segments |")
+    print(
+        "| method | time (s) | peak memory (MiB) | speed-up on float64 | labels identical to "
+        "float64 | segments |"
+    )
     print("|---|---|---|---|---|---|")
     mem = "CUDA max allocated" if args.device == "cuda" else "process max RSS"
-    rows = [
-        ("segment_attention (matrix KL, float64)", fast, fast_labels),
-        (f"reference (elementwise KL, {args.ref_dtype})", ref, ref_labels),
-    ]
-    for name, result, labels in rows:
-        ratio = ref["seconds"] / result["seconds"]
+    names = {
+        "float64": "segment_attention (matrix KL, float64)",
+        "float32": "segment_attention (matrix KL, float32 + float64 re-check)",
+        "reference": f"reference (elementwise KL, {args.ref_dtype})",
+    }
+    for method, result in results.items():
+        ratio = results["float64"]["seconds"] / result["seconds"]
+        same = torch.equal(labels[method], labels["float64"])
         print(
-            f"| {name} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | {ratio:.1f}x "
-            f"| {same} | {len(labels.unique())} |"
+            f"| {names[method]} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | "
+            f"{ratio:.2f}x | {same} | {len(labels[method].unique())} |"
         )
     print()
-    print(f"peak memory = {mem}; fast time = median of {args.repeat} runs, reference = 1 run")
+    print(f"peak memory = {mem}; matrix KL times = median of {args.repeat} runs, reference = 1 run")
     print(
         f"iteration-1 threshold decisions (of {kl[torch.float64].numel()}) where float32 matrix "
         f"KL differs from float64, per threshold: {flips}"

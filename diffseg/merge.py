@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diffseg.aggregate import check_probabilities
-from diffseg.kl import kl_float16, kl_matrix
+from diffseg.kl import kl_below, kl_float16, resolve_kl_dtype
 
 FIRST_MERGE_DTYPES = {"float64": torch.float64, "float16": torch.float16}
 
@@ -121,11 +121,16 @@ def _check_first_merge_dtype(first_merge_dtype: str | torch.dtype) -> torch.dtyp
 
 
 def first_merge(
-    maps: torch.Tensor, grid: torch.Tensor, threshold: float, dtype: torch.dtype = torch.float64
+    maps: torch.Tensor,
+    grid: torch.Tensor,
+    threshold: float,
+    dtype: torch.dtype = torch.float64,
+    kl_dtype: str = "float64",
 ) -> torch.Tensor:
     """Iteration 1: per anchor, the mean of all ``maps (S*S, S*S)`` within ``threshold``.
 
-    ``dtype`` float64: the exact KL. float16: the official arithmetic (:func:`kl_float16`, the
+    ``dtype`` float64: the exact KL's decisions (``kl_dtype``: their arithmetic, see
+    :func:`diffseg.kl.kl_below`). float16: the official arithmetic (:func:`kl_float16`, the
     threshold rounded to float16 too, 1.1 -> 1.0996); a nan KL merges nothing, so an anchor whose
     own map has an entry float16 rounds to 0 gets no member and a nan proposal.
     """
@@ -136,7 +141,7 @@ def first_merge(
     if dtype == torch.float16:
         close = kl_float16(anchors, all_maps) < float(torch.tensor(threshold).half())
     else:
-        close = kl_matrix(anchors, all_maps) < threshold
+        close = kl_below(anchors, all_maps, threshold, kl_dtype)
         # Every anchor is one of the maps and KL(x, x) = 0 < threshold, exactly as in the direct
         # form; pinning it keeps every mean well defined whatever the matrix form's rounding.
         close[torch.arange(len(index)), index] = True
@@ -175,7 +180,9 @@ def greedy_groups(close: torch.Tensor) -> torch.Tensor:
     return torch.stack(groups)
 
 
-def later_merge(proposals: torch.Tensor, threshold: float) -> torch.Tensor:
+def later_merge(
+    proposals: torch.Tensor, threshold: float, kl_dtype: str = "float64"
+) -> torch.Tensor:
     """A later iteration: walk the proposals ``(K, S*S)`` in order, merging unmatched anchors.
 
     An unmatched proposal's new proposal is the mean of all proposals (matched earlier or not)
@@ -185,7 +192,7 @@ def later_merge(proposals: torch.Tensor, threshold: float) -> torch.Tensor:
     """
     s = math.isqrt(proposals.shape[1])
     as_maps = proposals.reshape(-1, s, s)
-    close = kl_matrix(as_maps, as_maps) < threshold
+    close = kl_below(as_maps, as_maps, threshold, kl_dtype)
     close.fill_diagonal_(True)
     groups = greedy_groups(close).to(proposals.device, proposals.dtype)
     return (groups @ proposals) / groups.sum(dim=1, keepdim=True)
@@ -250,6 +257,7 @@ def merge_attention(
     num_points: int = 16,
     refine: bool = False,
     first_merge_dtype: str | torch.dtype = "float64",
+    kl_dtype: str = "auto",
 ) -> list[torch.Tensor]:
     """The official iterative attention merging: one float64 ``(K_b, S, S)`` proposal set per image.
 
@@ -267,19 +275,23 @@ def merge_attention(
     arithmetic (:func:`diffseg.kl.kl_float16`, threshold in float16): anchors whose map has an
     entry float16 rounds to 0 give nan proposals, which are dropped before iteration 2 (the
     official iteration 2 drops them; with a single iteration the official code would keep them).
+    ``kl_dtype``: how the float64 decisions are reached (:func:`diffseg.kl.kl_below`): "float64",
+    or "float32" with a float64 re-check of the pairs near the threshold (the same decisions);
+    "auto" (default) takes float32 on GPUs whose float64 is slow, float64 elsewhere.
     """
     s = check_aggregated(aggregated)
+    kl_dtype = resolve_kl_dtype(kl_dtype, aggregated.device)
     thresholds = _check_thresholds(kl_threshold)
     dtype = _check_first_merge_dtype(first_merge_dtype)
     grid = sampling_grid(num_points, s).to(aggregated.device)
     results = []
     for image in aggregated:
         maps = image.reshape(s * s, s * s)
-        proposals = first_merge(maps, grid, thresholds[0], dtype)
+        proposals = first_merge(maps, grid, thresholds[0], dtype, kl_dtype)
         if dtype == torch.float16:
             proposals = _drop_nan(proposals)
         for threshold in thresholds[1:]:
-            proposals = later_merge(proposals, threshold)
+            proposals = later_merge(proposals, threshold, kl_dtype)
         if refine:
             proposals, _, _ = kmeans_refine(maps, proposals)
         results.append(proposals.reshape(-1, s, s))
@@ -308,13 +320,14 @@ def proposals_to_labels(proposals: torch.Tensor, out_size: int | Sequence[int]) 
     return up[0].argmax(dim=0)
 
 
-def segment_attention(
+def segment_attention(  # noqa: PLR0913 (the merge settings, each a keyword)
     aggregated: torch.Tensor,
     kl_threshold: Sequence[float] = (1.1, 1.1, 1.1),
     num_points: int = 16,
     refine: bool = False,
     out_size: int | Sequence[int] | None = None,
     first_merge_dtype: str | torch.dtype = "float64",
+    kl_dtype: str = "auto",
 ) -> torch.Tensor:
     """DiffSeg segmentation of aggregated attention ``(B, S, S, S, S)`` -> labels ``(B, H, W)``.
 
@@ -322,6 +335,8 @@ def segment_attention(
     ``8 * S`` (512 for SD's 64x64 latents).
     """
     size = None if out_size is None else check_out_size(out_size)
-    proposals = merge_attention(aggregated, kl_threshold, num_points, refine, first_merge_dtype)
+    proposals = merge_attention(
+        aggregated, kl_threshold, num_points, refine, first_merge_dtype, kl_dtype
+    )
     size = size or (8 * aggregated.shape[-1],) * 2
     return torch.stack([proposals_to_labels(p, size) for p in proposals])
