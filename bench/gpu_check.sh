@@ -3,13 +3,17 @@
 # (none has been available where this was written, so it is meant for whoever next has one).
 #
 #   bench/gpu_check.sh wheels                   # on a machine with a package index: fill .whl/
-#   bench/gpu_check.sh [STAGE ...]              # on the GPU machine; default: speed merge nccl
+#   bench/gpu_check.sh [STAGE ...]              # on the GPU machine; default: speed merge harness nccl
 #
 # Stages (each writes its Markdown/log under $OUT, default outputs/gpu_check/):
 #   speed    bench_pipeline.py, SD 1.4 config, fp16, batch 1 4 8 16: images/s, peak memory, the
 #            time per stage and the share of pixels labelled as by fp32 (goal: >= 20 images/s
 #            with >= 99 % on one H100), plus bf16 at batch 8 and the capture variants. ~4 min.
-#   merge    bench_merge.py --device cuda: the merge on the GPU against the elementwise form. ~1 min.
+#   merge    bench_merge.py --device cuda: the merge on the GPU (KL in float64, and in float32 with
+#            the float64 re-check) against the elementwise form. ~1 min.
+#   harness  bench_harness.py: the loop's host work per 512-px image (goal: <= 10 ms on the main
+#            thread, for >= 100 images/s), then the whole loop on the GPU: the tiny model at 512 px,
+#            256 synthetic images, batch 16 (images/s in harness_results.csv). ~2 min.
 #   nccl     torchrun over all GPUs (NCCL) on the tiny model; results.csv lands in $OUT. ~1 min.
 #   compile  bench_pipeline.py --compile (inductor) at batch 8; compiling takes minutes.
 #   sdxl     the SDXL-shaped tiny model in fp16 on CUDA (VAE upcast, CUDA noise draw) with DiffSeg,
@@ -53,7 +57,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(speed merge nccl)
+[[ ${#stages[@]} -gt 0 ]] || stages=(speed merge harness nccl)
 for stage in "${stages[@]}"; do
     echo "== $stage"
     case $stage in
@@ -65,6 +69,15 @@ for stage in "${stages[@]}"; do
         ;;
     merge)
         $PY bench/bench_merge.py --device cuda | tee "$OUT/merge.md"
+        ;;
+    harness)
+        $PY bench/bench_harness.py --images 64 --batch-sizes 1 8 16 --append "$OUT/RESULTS.md"
+        run=outputs/gpu_check_harness
+        rm -rf "$run"
+        $PY -m eval dataset=synthetic model=tiny device=cuda dataset.resolution=512 limit=256 \
+            batch_size=16 num_workers=8 logger=csv "hydra.run.dir=$run" \
+            "paths.ledger=$run/ledger.csv" 2>&1 | tee "$OUT/harness.log"
+        cp "$run/results.csv" "$OUT/harness_results.csv"
         ;;
     nccl)
         gpus=$(nvidia-smi -L | wc -l)
@@ -91,7 +104,7 @@ for stage in "${stages[@]}"; do
             --repeats 3 --append "../$OUT/RESULTS.md")
         ;;
     *)
-        echo "unknown stage '$stage': use speed, merge, nccl, compile, sdxl or wheels" >&2
+        echo "unknown stage '$stage': use speed, merge, harness, nccl, compile, sdxl or wheels" >&2
         exit 2
         ;;
     esac
