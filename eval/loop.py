@@ -219,7 +219,7 @@ class Loop:
     logger: Any
     rank: distributed.Rank = distributed.SINGLE
     score: Scoring | None = None
-    writer: Writer = field(init=False)  # the files and records of :meth:`run` in flight
+    writer: Writer = field(init=False, repr=False)  # :meth:`run`'s files and records in flight
 
     def run(self, todo: Sequence[int]) -> None:
         """Evaluate the images ``todo`` (those some track has not finished), adding their

@@ -22,9 +22,10 @@ _STOP = object()
 class Writer:
     """Runs ``fn(*args)`` jobs on one daemon thread, in submission order. ``max_pending`` jobs at
     most wait in the queue (a slower disk then holds the main thread back instead of memory
-    filling with predictions)."""
+    filling with predictions: 64 jobs are ~6 batches of 8 at 512 px, ~4 MiB a prediction and its
+    label)."""
 
-    def __init__(self, max_pending: int = 256) -> None:
+    def __init__(self, max_pending: int = 64) -> None:
         self._jobs: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._reported = False
