@@ -74,7 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ref-dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each matrix-KL path (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each matrix-KL path (median)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-reference", action="store_true", help="only the two KL paths")
     parser.add_argument("--child", help=argparse.SUPPRESS)
