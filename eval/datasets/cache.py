@@ -118,6 +118,18 @@ def inputs(dataset: Dataset) -> list:
     return []  # synthetic: the options and the code determine every pixel
 
 
+def identity(dataset: Dataset) -> str:
+    """A hash (16 hex) of what a dataset's items are read from, for a resume to compare: its
+    length and :func:`inputs` (each item's id and files' paths, sizes and mtimes; a table's
+    files); for a cache, those of the source it was built from; through a wrapper that keeps the
+    dataset as ``.dataset`` (``ProtocolData``), the wrapped one's."""
+    inner = vars(dataset).get("dataset", dataset)
+    stored = getattr(inner, "fingerprint", None)
+    data = stored["inputs"] if isinstance(stored, dict) else inputs(inner)
+    blob = json.dumps([len(dataset), data], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def fingerprint(dataset: Dataset, key_options: Mapping) -> dict:
     lut = getattr(dataset, "lut", None)
     return {
@@ -351,5 +363,6 @@ def cached(  # noqa: PLR0913 (get_dataset's own keywords, which key the cache)
         table = datasets.load_from_disk(str(path / "data"))
     out = CachedDataset(table, dataset.class_names, name, on_error, fp["skipped"])
     out.skipped_ids = list(getattr(dataset, "skipped_ids", []))
+    out.fingerprint = fp  # what it was built from, for eval.state's resume check (identity)
     out.split_size = getattr(dataset, "split_size", None)
     return out
