@@ -81,7 +81,8 @@ def pinned(cfg: DictConfig, device: torch.device, dataset: Any = None) -> dict[s
         for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
         if k not in NOT_SETTINGS
     }
-    out["dataset_root"] = cfg.dataset.get("root")
+    root = cfg.dataset.get("root")
+    out["dataset_root"] = None if root is None else str(Path(root).expanduser().resolve())
     if dataset is not None:
         from eval.datasets.cache import identity
 

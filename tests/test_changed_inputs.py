@@ -173,3 +173,19 @@ def test_rescoring_tampered_tables_exits_non_zero_and_appends_nothing(tmp_path: 
     with pytest.raises(SystemExit, match=r"contingency tables in .*no longer give the run's own"):
         rescore.main([str(run), "--ledger", str(ledger)])
     assert not ledger.exists() and not (run / "rescore").exists()
+
+
+def test_dataset_identity_follows_the_files_not_the_folder(tmp_path: Path) -> None:
+    from eval.datasets import get_dataset
+    from eval.datasets.cache import identity
+
+    a = cityscapes_root(tmp_path / "A", 0)
+    shutil.copytree(a, tmp_path / "copy")  # copy2: same sizes and mtimes
+    b = cityscapes_root(tmp_path / "B", 1)
+    ids = [
+        identity(get_dataset("cityscapes", root, resolution=16))
+        for root in (a, tmp_path / "copy", b)
+    ]
+    assert ids[0] == ids[1] != ids[2]
+    cached = get_dataset("cityscapes", a, resolution=16, cache=True, cache_dir=tmp_path / "c")
+    assert identity(cached) == ids[0]

@@ -38,7 +38,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -124,14 +124,24 @@ def inputs(dataset: Dataset) -> list:
 
 def identity(dataset: Dataset) -> str:
     """A hash (16 hex) of what a dataset's items are read from, for a resume to compare: its
-    length and :func:`inputs` (each item's id and files' paths, sizes and mtimes; a table's
-    files); for a cache, those of the source it was built from; through a wrapper that keeps the
-    dataset as ``.dataset`` (``ProtocolData``), the wrapped one's."""
+    length and :func:`inputs` (each item's id and files' names, sizes and mtimes; a table's
+    files), the folders left out (the root is compared on its own); for a cache, those of the
+    source it was built from; through a wrapper that keeps the dataset as ``.dataset``
+    (``ProtocolData``), the wrapped one's."""
     inner = vars(dataset).get("dataset", dataset)
     stored = getattr(inner, "fingerprint", None)
     data = stored["inputs"] if isinstance(stored, dict) else inputs(inner)
-    blob = json.dumps([len(dataset), data], default=str)
+    blob = json.dumps([len(dataset), _names(data)], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _names(item: Any) -> Any:
+    """``inputs`` with each file's path (``[path, size, mtime]``, :func:`_stat`) cut to its name."""
+    if not isinstance(item, list):
+        return item
+    if len(item) == 3 and isinstance(item[0], str) and all(isinstance(v, int) for v in item[1:]):
+        return [Path(item[0]).name, *item[1:]]
+    return [_names(x) for x in item]
 
 
 def fingerprint(dataset: Dataset, key_options: Mapping) -> dict:
