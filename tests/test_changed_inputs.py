@@ -189,3 +189,14 @@ def test_dataset_identity_follows_the_files_not_the_folder(tmp_path: Path) -> No
     assert ids[0] == ids[1] != ids[2]
     cached = get_dataset("cityscapes", a, resolution=16, cache=True, cache_dir=tmp_path / "c")
     assert identity(cached) == ids[0]
+
+
+def test_weights_unknown_at_the_start_are_learnt_then_pinned(tmp_path: Path) -> None:
+    # A hub model not yet downloaded when the run started is recorded as "" (no snapshot yet).
+    from eval.state import open_run_state
+
+    first = open_run_state(tmp_path, {"seed": 0, "weights": ""})
+    again = open_run_state(tmp_path, {"seed": 0, "weights": "hub:abc"})
+    assert again["run_id"] == first["run_id"] and again["pinned"]["weights"] == "hub:abc"
+    with pytest.raises(RunRefused, match=r"weights: 'hub:abc' \(run\) vs 'hub:def' \(now\)"):
+        open_run_state(tmp_path, {"seed": 0, "weights": "hub:def"})
