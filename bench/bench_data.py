@@ -5,7 +5,8 @@ labelIds PNG) and COCO-sized (640x480 JPEG image, stuffthingmaps PNG), with phot
 the files compress (and decode) like real ones.  Both paths give the model the same tensors
 (``image`` float (3, R, R), ``label`` int64); each DataLoader configuration makes one full pass
 over the split, ``batch_size`` images a batch, timed from the first batch on (steady state).
-The cache build (decode once, write Arrow) is timed separately.
+The cache build (decode once, write Arrow) is timed separately, and so are opening the built
+cache again and, of that, the check of its Arrow files' CRC-32 checksums (``check_files``).
 
     .venv/bin/python bench/bench_data.py [--n-cityscapes 32] [--n-coco 64] [--resolution 512]
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fixtur
 from timing import timed
 
 from eval.datasets import SplitSizeWarning, collate, get_dataset
+from eval.datasets.cache import check_files
 from tests import fixtures as fx
 
 
@@ -101,7 +103,13 @@ def main() -> None:
                 "cpu", get_dataset, name, root, resolution=args.resolution, cache=True
             )
             size = sum(f.stat().st_size for f in (root / ".cache").rglob("*") if f.is_file())
-            builds.append((name, shape, n, build_s, size))
+            open_s, _ = timed(
+                "cpu", get_dataset, name, root, resolution=args.resolution, cache=True
+            )
+            (folder,) = [p for p in (root / ".cache").iterdir() if p.is_dir() and p.name != "hf"]
+            check_s, _ = timed("cpu", check_files, folder)
+            pass_s = n / images_per_s(cached, 0, args.batch_size)  # one pass over the cache
+            builds.append((name, shape, n, build_s, size, open_s, check_s, pass_s))
             for w in workers:
                 src = images_per_s(source, w, args.batch_size)
                 hit = images_per_s(cached, w, args.batch_size)
@@ -114,10 +122,16 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name, shape, w, src, hit in rows:
         print(f"| {name} | {shape} | {w} | {src:.1f} | {hit:.1f} | {hit / src:.1f}x |")
-    print("\n| dataset | images | cache build (s) | build img/s | cache size (MiB) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, _, n, build_s, size in builds:
-        print(f"| {name} | {n} | {build_s:.1f} | {n / build_s:.1f} | {size / 2**20:.0f} |")
+    print(
+        "\n| dataset | images | cache build (s) | build img/s | cache size (MiB) | open (s) "
+        "| of it checksums (s) | checksums / one pass (0 workers) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, _, n, build_s, size, open_s, check_s, pass_s in builds:
+        print(
+            f"| {name} | {n} | {build_s:.1f} | {n / build_s:.1f} | {size / 2**20:.0f} "
+            f"| {open_s:.2f} | {check_s:.2f} | {check_s / pass_s:.2f} |"
+        )
 
 
 if __name__ == "__main__":

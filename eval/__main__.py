@@ -7,6 +7,7 @@ process group starts first: see ``eval.distributed``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -30,7 +31,11 @@ def job_failed(cfg: DictConfig, error: Exception) -> jobs.FailedRun:
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     run_dir = Path(cfg.paths.output_dir).resolve()
-    log = jobs.record_failure(run_dir, error, overrides) if IS_MAIN_RANK else None
+    from eval.runtime import RunRefused  # torch is loaded by now (kept out of --help and --cfg)
+
+    # A refused run leaves the folder as it found it (it may be another process's, running).
+    record = IS_MAIN_RANK and not isinstance(error, RunRefused)
+    log = jobs.record_failure(run_dir, error, overrides) if record else None
     if hydra_cfg.mode != RunMode.MULTIRUN:
         fail(error, log)
     print(
@@ -54,9 +59,13 @@ def main(cfg: DictConfig) -> float | jobs.FailedRun:
     """Returns the run's mIoU (a fraction), the objective Hydra sweepers such as Optuna read
     (a failed job of a sweep: :class:`eval.jobs.FailedRun`)."""
     from eval.run import evaluate
+    from eval.runlock import run_lock
 
     try:
-        outputs = evaluate(cfg)
+        # One process per run folder (rank 0 holds it for all ranks of a torchrun).
+        lock = run_lock(cfg.paths.output_dir) if IS_MAIN_RANK else contextlib.nullcontext()
+        with lock:
+            outputs = evaluate(cfg)
         # Under torchrun only rank 0 has the results; the other ranks return nan.
         return float(outputs.results["miou"]) if outputs is not None else float("nan")
     except KeyboardInterrupt:

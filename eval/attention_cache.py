@@ -11,7 +11,8 @@ An entry written without features (before they were stored) is computed again fo
 that reads them.
 
 Key (SHA-256 of a JSON document): the model config (target, name or path, revision, dtype,
-seed), the device type and compute dtype, the storage dtype, the image's content (its float32
+seed) and its weights' fingerprint (``eval.record.weights_fingerprint``: the content hash of every
+weight file, so weights replaced in place are another key), the device type and compute dtype, the storage dtype, the image's content (its float32
 pixels and shape, so the dataset, its preprocessing and the image id are all covered), the
 ``resolution``, ``timestep``, ``prompt``, ``noise`` and ``seed``. With ``noise=true`` every image of
 a batch gets the same seeded noise map (``DiffSegPipeline.capture_attention``), so an entry does not
@@ -23,8 +24,14 @@ keeps ~3 significant digits and float32's range (``cache.dtype=float32`` keeps t
 features exact: the labels then equal an uncached run). float16 is refused: it flushes probabilities below 6e-8 to
 zero, a zero makes the KL of that map infinite, and peaked attention then stops merging
 (``bench/bench_merge.py`` measures it). Files are written to a temporary name and moved into place
-(``os.replace``), so concurrent runs and kills never leave half a file; a file that cannot be
-read is computed again.
+(``os.replace``), so concurrent runs and kills never leave half a file.
+
+Each entry carries its own key and a CRC-32 of its tensors (names, dtypes, shapes and bytes) in
+its safetensors metadata (:func:`entry_checksum`). An entry that cannot be read, holds another
+key (a file copied or swapped onto another's name) or fails its checksum (flipped or cut bytes)
+is reported once per run, naming the cache folder, and computed again and replaced
+(:func:`entry_problem`). CRC-32 reads 3.9 GiB/s here (SHA-256: 1.4 GiB/s), ~9 ms of an SD
+entry's 34 MiB; ``bench/bench_attention_cache.py`` measures the read with and without it.
 """
 
 from __future__ import annotations
@@ -32,20 +39,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
 from diffseg.features import feature_shape
 from diffseg.segmenter import PassSource, UNetPass
 from eval.atomic import atomic_open
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the weights' fingerprint in the key, key and checksum in the entry
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 FEATURES = "features"  # the tensor name of the features in an entry; attention maps are "r<side>"
 
@@ -56,6 +64,29 @@ def image_hash(image: torch.Tensor) -> str:
     h = hashlib.sha256(repr(tuple(data.shape)).encode())
     h.update(data.numpy().tobytes())
     return h.hexdigest()
+
+
+def entry_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """CRC-32 (hex) of an entry's tensors: each name, dtype, shape and bytes, in name order."""
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        crc = zlib.crc32(f"{name}:{t.dtype}:{tuple(t.shape)};".encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
+def entry_problem(
+    key: str, metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Why an entry read under ``key`` cannot be used (None when it can): it holds another
+    key, or its tensors fail the checksum stored with them."""
+    metadata = metadata or {}
+    if metadata.get("key") != key:
+        return f"holds the entry of key {metadata.get('key')!r} (copied or swapped?)"
+    if metadata.get("checksum") != entry_checksum(tensors):
+        return "fails its checksum (corrupted)"
+    return None
 
 
 class AttentionCache:
@@ -81,6 +112,7 @@ class AttentionCache:
         self.dtype = STORAGE_DTYPES[dtype]
         self.hits = 0
         self.misses = 0
+        self.bad = 0  # entries found unusable (and computed again)
 
     def key(self, image_sha: str, settings: Mapping[str, Any]) -> str:
         blob = json.dumps(
@@ -99,8 +131,15 @@ class AttentionCache:
         if not path.is_file():
             return None
         try:
-            tensors = load_file(path)
-        except (OSError, SafetensorError):
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata()
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except (OSError, SafetensorError) as e:
+            problem = f"cannot be read ({e})"
+        else:
+            problem = entry_problem(key, metadata, tensors)
+        if problem:
+            self.report_bad(path, problem)
             return None
         features = tensors.pop(FEATURES, None)
         attention = {int(name.removeprefix("r")): t for name, t in tensors.items()}
@@ -112,13 +151,25 @@ class AttentionCache:
         if stored.features is not None:
             tensors[FEATURES] = stored.features
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        metadata = {"key": key, "checksum": entry_checksum(tensors)}
         with atomic_open(self.path(key), "wb") as f:
-            f.write(safetensors_save(tensors))
+            f.write(safetensors_save(tensors, metadata))
+
+    def report_bad(self, path: Path, problem: str) -> None:
+        """Count an unusable entry; the first of a run is named on stderr."""
+        self.bad += 1
+        if self.bad == 1:
+            print(
+                f"attention cache {self.directory}: entry {path.relative_to(self.directory)} "
+                f"{problem}; computing it again (every bad entry is replaced, counted at the end)",
+                file=sys.stderr,
+            )
 
     def summary(self) -> str:
         return (
             f"attention cache {self.directory}: {self.hits} image(s) read, "
             f"{self.misses} computed (UNet run for these only)"
+            + (f", {self.bad} bad entries among them replaced" if self.bad else "")
         )
 
 
@@ -189,6 +240,21 @@ class CachedAttentionPipeline(PassSource):
         return UNetPass(attention, stack([s.features for s in stored]) if features else None)
 
 
+def context(
+    model_cfg: Mapping[str, Any], device: torch.device, compute_dtype: torch.dtype
+) -> dict[str, Any]:
+    """What decides a pass besides the image and the call: the model config, its weights'
+    fingerprint (``eval.record.weights_fingerprint``), the device type and compute dtype."""
+    from eval.record import weights_fingerprint
+
+    return {
+        "model": dict(model_cfg),
+        "weights": weights_fingerprint(model_cfg),
+        "device_type": device.type,
+        "compute_dtype": str(compute_dtype),
+    }
+
+
 def from_config(
     pipeline: Any,
     cache_cfg: Mapping[str, Any],
@@ -200,12 +266,7 @@ def from_config(
     """The harness' wrapper: ``cache_cfg`` is ``cfg.cache`` (``dir``, ``dtype``), ``model_cfg`` the
     resolved ``cfg.model``. Prints the size estimate for ``n_images`` before the run starts."""
     dtype = cache_cfg.get("dtype", "bfloat16")
-    context = {
-        "model": dict(model_cfg),
-        "device_type": device.type,
-        "compute_dtype": str(pipeline.dtype),
-    }
-    cache = AttentionCache(cache_cfg["dir"], context, dtype)
+    cache = AttentionCache(cache_cfg["dir"], context(model_cfg, device, pipeline.dtype), dtype)
     per_image = bytes_per_image(pipeline, resolution, dtype)
     print(
         f"attention cache: {per_image / 2**20:.1f} MiB per image ({dtype}) x {n_images} images "

@@ -38,6 +38,20 @@ JSON_COLUMNS = (
 )
 
 
+# Columns whose cells are numbers (or empty: not applicable); the tables compute with them.
+NUMBER_COLUMNS = (
+    "n_images",
+    "pixel_accuracy",
+    "miou",
+    "mean_segments",
+    "pixel_accuracy_many_to_one",
+    "miou_many_to_one",
+    "boundary_iou",
+    "miou_things",
+    "miou_stuff",
+)
+
+
 class LedgerError(ValueError):
     """A ledger that cannot be read or written, with the file (and line) named."""
 
@@ -58,7 +72,14 @@ def _rows(path: Path) -> list[dict[str, str]]:
                         f"header has {len(header)}; fix or delete that line (each run's row is "
                         "also in its run folder, results.csv)"
                     )
-                rows.append(dict(zip(header, fields, strict=True)))
+                row = dict(zip(header, fields, strict=True))
+                problem = "a second header" if fields == header else unreadable_number(row)
+                if problem:
+                    raise LedgerError(
+                        f"ledger {path}, line {reader.line_num}: {problem}; fix or delete that "
+                        "line (each run's row is also in its run folder, results.csv)"
+                    )
+                rows.append(row)
             return rows
     except csv.Error as e:
         raise LedgerError(
@@ -69,6 +90,19 @@ def _rows(path: Path) -> list[dict[str, str]]:
         raise LedgerError(f"ledger {path} is not UTF-8 text ({e}); is it a ledger?") from e
     except OSError as e:
         raise LedgerError(f"cannot read ledger {path}: {e.strerror or e}") from e
+
+
+def unreadable_number(row: Mapping[str, str]) -> str | None:
+    """What in ``row`` cannot be read as a number (None when all can): a cell of
+    ``NUMBER_COLUMNS`` that is neither empty (not applicable) nor a float."""
+    for column in NUMBER_COLUMNS:
+        text = row.get(column, "")
+        try:
+            if text != "":
+                float(text)
+        except ValueError:
+            return f"{column} is {text!r}, not a number"
+    return None
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:

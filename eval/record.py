@@ -66,10 +66,14 @@ def _sha(text: str) -> str:
 def weights_fingerprint(model: Mapping[str, Any]) -> str:
     """A fingerprint of the weights a model config loads, where it can be known without loading.
 
-    A local diffusers folder: a hash of ``model_index.json``, each part's config and the names
-    and sizes of its weight files. A hub id: ``hub:<commit>`` of the cached snapshot (empty when
-    it is not cached yet). A model built from its config (``model=tiny``): a hash of that config.
+    A local diffusers folder: a hash of every config's text and every other file's SHA-256
+    (``eval.digests.file_sha256``: computed once per file version, then read back by its size,
+    mtime and inode), so weights replaced in place change it. A hub id: ``hub:<commit>`` of the
+    cached snapshot (empty when it is not cached yet). A model built from its config
+    (``model=tiny``): a hash of that config.
     """
+    from eval.digests import file_sha256
+
     source = model.get("model")
     if source is None:
         return "config:" + _sha(json.dumps(dict(model), sort_keys=True, default=str))
@@ -79,7 +83,7 @@ def weights_fingerprint(model: Mapping[str, Any]) -> str:
         for f in sorted(path.rglob("*")):
             if f.is_file() and f.name.endswith((".json", ".safetensors", ".bin", ".txt")):
                 rel = f.relative_to(path).as_posix()
-                body = f.read_text(errors="replace") if f.suffix == ".json" else f.stat().st_size
+                body = f.read_text(errors="replace") if f.suffix == ".json" else file_sha256(f)
                 parts.append(f"{rel}:{body}")
         return "dir:" + _sha("\n".join(parts))
     try:

@@ -17,7 +17,9 @@ Rules, each applied per image and the counts summed over the dataset as the live
 
 A run whose protocol merged before scoring (``protocol=diffcut`` on VOC, COCO-Object, Pascal
 Context) stored the merged segments: its own rule is ``background_merge`` and ``hungarian``
-(without the merge) cannot be recomputed. The run's own rule reproduces its numbers exactly.
+(without the merge) cannot be recomputed. The run's own rule reproduces its numbers exactly, and
+is checked first: tables that no longer give the run's numbers (edited, corrupted) are refused,
+exit 1, before anything is written or appended (:func:`check_tables`).
 
 Each rule writes ``RUN_DIR/rescore/<rule>/results.csv`` and ``per_class.csv`` and appends a ledger
 row (``run_id`` ``<run>-rescore-<rule>``, ``rescored_from`` the run, ``scoring`` the rule; a rule
@@ -175,6 +177,20 @@ def same_as_run(run: Run, scores: Mapping[str, Any]) -> bool:
     return all(float(run.row[k]) == scores[k] for k in ("pixel_accuracy", "miou"))
 
 
+def check_tables(run: Run, tables: Mapping[int, np.ndarray]) -> None:
+    """Raise :class:`RescoreError` when the run's own rule on ``tables`` does not give the run's
+    own numbers: the stored tables changed after the run, so no rule can be trusted on them."""
+    own = score(tables, run.rules, run.rules.own)
+    if not same_as_run(run, own):
+        raise RescoreError(
+            f"the contingency tables in {run.run_dir / contingency.PART_DIR} no longer give the "
+            f"run's own numbers (scoring={run.rules.own}: mIoU {own['miou']!r}, pixel accuracy "
+            f"{own['pixel_accuracy']!r}; {run.run_dir / 'results.csv'}: {run.row['miou']}, "
+            f"{run.row['pixel_accuracy']}); they were changed after the run, so nothing is "
+            "rescored from them. Run the evaluation again in a new folder."
+        )
+
+
 def comparison(run: Run, results: Mapping[str, Mapping[str, Any] | str]) -> str:
     """A Markdown table: one line per rule (scores in %, or why the rule is not available)."""
     head = ["rule", "pixel acc %", "mIoU %", "mIoU things %", "mIoU stuff %", "Boundary IoU %"]
@@ -187,7 +203,7 @@ def comparison(run: Run, results: Mapping[str, Mapping[str, Any] | str]) -> str:
         keys = ("pixel_accuracy", "miou", "miou_things", "miou_stuff", "boundary_iou")
         note = ""
         if rule == run.rules.own:
-            note = "= the run's numbers" if same_as_run(run, res) else "DIFFERS from the run's"
+            note = "= the run's numbers"  # checked before any rule was scored (check_tables)
         lines.append(f"| {name} | " + " | ".join(_pct(res[k]) for k in keys) + f" | {note} |")
     return "\n".join(lines)
 
@@ -221,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if ledger is None and not args.no_ledger:
             raise RescoreError(f"{run.run_dir} has no config.yaml naming its ledger; pass --ledger")
         tables = run.tables()
+        check_tables(run, tables)
         results: dict[str, Mapping[str, Any] | str] = {}
         rows = []
         for rule in args.rules:

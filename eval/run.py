@@ -155,7 +155,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
         folder.mkdir(parents=True, exist_ok=True)
     dataset = load_data(cfg, protocol)
     n_total = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
-    run_id, records, todo = open_run(cfg, device, n_total, rank, dirs)
+    run_id, records, todo = open_run(cfg, device, n_total, rank, dirs, dataset)
     resolved, settings = run_settings(cfg, protocol, resolution, device, dataset, segmenters)
     pipeline = load_pipeline(cfg, device, resolution, len(todo))
     if pipeline is not None:  # again for this model's attention grid (SDXL: resolution / 16)

@@ -27,3 +27,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class RunRefused(RunError):
+    """A run refused before it changed anything in its folder (a resume whose inputs differ, a
+    folder another process is using): the folder is left as found, no failure recorded there."""

@@ -4,7 +4,13 @@ status) and ``config.yaml``; the per-image records of the images already finishe
 Resumable: each finished image is appended to ``per_image.jsonl`` (flushed and fsynced) with its
 integer TP/FP/FN counts; the metric adds those counts (``update(counts=)``), the stored ones of a
 resumed run's finished images as the new ones. It only sums integers, so the numbers are exactly
-those of a run that never stopped. Resuming with other settings is refused.
+those of a run that never stopped.
+
+Resuming is refused, naming what differs, unless the inputs are the same: every recorded
+setting, the weights' fingerprint (``eval.record.weights_fingerprint``: their content), the
+dataset's root and identity (``eval.datasets.cache.identity``: its items' ids and files' sizes
+and mtimes). A refusal changes nothing in the run folder: Hydra's ``.hydra/`` is written here,
+once the run is accepted (``hydra.output_subdir`` is null), not by Hydra at every launch.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from eval import distributed
 from eval import ledger as ledger_io
 from eval.atomic import read_json_or_none, write_json_atomic, write_text_atomic
 from eval.jobs import set_status
-from eval.runtime import RunError
+from eval.record import weights_fingerprint
+from eval.runtime import RunError, RunRefused
 from eval.schema import NOT_SETTINGS
 from eval.segmenters import extra_segmenters
 from eval.segmenters import settings as segmenter_settings
@@ -32,6 +39,9 @@ from eval.segmenters import settings as segmenter_settings
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
 # do not change the labels.)
 PINNED_KEYS = ("protocol", "seed", "limit", "model")
+# Pinned values that can be unknown when a run starts: a hub model's snapshot before its download
+# (recorded as ""), learnt by the resume.
+LEARNT_ON_RESUME = ("weights",)
 
 
 def now() -> str:
@@ -54,8 +64,9 @@ def check_writable(run_dir: Path, ledger: Path) -> None:
     ledger_io.check_writable(ledger)
 
 
-def pinned(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it resumes."""
+def pinned(cfg: DictConfig, device: torch.device, dataset: Any = None) -> dict[str, Any]:
+    """The settings and inputs a resumed run must share with the run it resumes (``dataset``:
+    the loaded dataset, for its identity)."""
     out = {
         k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
         for k in PINNED_KEYS
@@ -70,6 +81,13 @@ def pinned(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
         if k not in NOT_SETTINGS
     }
+    root = cfg.dataset.get("root")
+    out["dataset_root"] = None if root is None else str(Path(root).expanduser().resolve())
+    if dataset is not None:
+        from eval.datasets.cache import identity
+
+        out["dataset_identity"] = identity(dataset)
+    out["weights"] = weights_fingerprint(OmegaConf.to_container(cfg.model, resolve=True))
     out["device_type"] = device.type
     if cfg.get("cache") and cfg.cache.attention:
         # Segmenting stored (rounded) attention can change labels; absent when off, as before.
@@ -83,8 +101,8 @@ def open_run_state(
     """Create ``run.json`` (run id + pinned settings) and ``config.yaml`` (the composed config,
     resolved) for a new run, or check the settings of the existing run on resume.
 
-    Hydra rewrites ``.hydra/`` on every launch, refused ones included; these two files keep what
-    the run was started with.
+    ``config.yaml`` keeps what the run was started with; ``.hydra/`` what it was last accepted
+    with. A refusal (:class:`RunRefused`) writes nothing.
     """
     path = run_dir / "run.json"
     state = read_json_or_none(path)
@@ -98,21 +116,46 @@ def open_run_state(
         if config is not None:
             write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
         write_json_atomic(path, state)
+        write_hydra_files(run_dir, config)
         return state
     old = state["pinned"]
-    diffs = [
-        f"{k}: {old.get(k)!r} (run) vs {pinned.get(k)!r} (now)"
-        for k in sorted(set(old) | set(pinned))
-        if old.get(k) != pinned.get(k)
-    ]
+    diffs = resume_differences(old, pinned)
     if diffs:
-        raise RunError(
-            f"{run_dir} holds a run with other settings, so it cannot be resumed with these:\n  "
-            + "\n  ".join(diffs)
-            + "\nRun again with the original settings, or drop hydra.run.dir to start a new run."
+        raise RunRefused(
+            f"{run_dir} holds a run with other settings or inputs, so it cannot be resumed with "
+            "these:\n  " + "\n  ".join(diffs) + "\nRun again with the original settings and "
+            "inputs, or drop hydra.run.dir to start a new run."
         )
+    learnt = {k: pinned[k] for k in LEARNT_ON_RESUME if k in pinned and old.get(k) != pinned[k]}
+    state = {**state, "pinned": {**old, **learnt}}
+    write_json_atomic(path, state)
     set_status(run_dir, "running")
+    write_hydra_files(run_dir, config)
     return state
+
+
+def resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``KEY: OLD (run) vs NEW (now)`` for each pinned value that differs (a value of
+    ``LEARNT_ON_RESUME`` the run did not know, "", is learnt, not a difference)."""
+    return [
+        f"{k}: {old.get(k)!r} (run) vs {new.get(k)!r} (now)"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not (k in LEARNT_ON_RESUME and old.get(k) == "")
+    ]
+
+
+def write_hydra_files(run_dir: Path, config: DictConfig | None) -> None:
+    """Hydra's ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` of this launch (as
+    Hydra writes them; nothing outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if config is None or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(config))
+    write_text_atomic(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 def open_run(
@@ -121,10 +164,12 @@ def open_run(
     n_total: int,
     rank: distributed.Rank,
     dirs: Sequence[Path] | None = None,
+    dataset: Any = None,
 ) -> tuple[str, list[dict[int, dict[str, Any]]], list[int]]:
     """The run's id, per segmenter folder of ``dirs`` (default: the run folder alone; the run's
     own first) the records of its finished images (rank 0; other ranks: none), and this rank's
-    share of the images some segmenter has still to do.
+    share of the images some segmenter has still to do; ``dataset``: the loaded dataset, whose
+    identity a resume checks.
 
     Rank 0 reads (and repairs) the per-image logs before any rank appends, so all ranks split the
     same list of images still to do.
@@ -133,7 +178,7 @@ def open_run(
     dirs = [run_dir] if dirs is None else list(dirs)
 
     def open_on_main() -> tuple[str, list[dict[int, dict[str, Any]]]]:
-        run_id = open_run_state(run_dir, pinned(cfg, device), cfg)["run_id"]
+        run_id = open_run_state(run_dir, pinned(cfg, device, dataset), cfg)["run_id"]
         return run_id, [distributed.read_records(d, n_total) for d in dirs]
 
     run_id, records = distributed.on_main(open_on_main, rank)

@@ -4,10 +4,13 @@ uncached pipeline; plus the harness end to end (hit counters in the run's output
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from diffseg.pipeline import DiffSegPipeline
 from diffseg.reference import realistic_attention
@@ -16,6 +19,7 @@ from eval.attention_cache import (
     AttentionCache,
     CachedAttentionPipeline,
     bytes_per_image,
+    context,
     image_hash,
 )
 from tests.helpers import run_module
@@ -129,6 +133,78 @@ def test_bfloat16_keeps_what_float16_flushes_to_zero() -> None:
     assert tiny.any()
     assert (attention.to(torch.float16)[tiny] == 0).all()
     assert (attention.to(torch.bfloat16)[tiny] > 0).all()
+
+
+def _flip_bytes(path: Path, fraction: float = 0.02) -> None:
+    """Flip one bit in ``fraction`` of the bytes after the safetensors header (the values)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for i in range(start, len(data), int(1 / fraction)):
+        data[i] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault", ["flipped", "swapped", "truncated", "random"])
+def test_a_bad_entry_is_reported_once_and_computed_again(tmp_path, images, capsys, fault) -> None:
+    pipe = DiffSegPipeline.from_tiny(seed=0)
+    calls = _count_unet_calls(pipe)
+    first = _wrap(pipe, tmp_path)
+    labels = first(images[:2], **CALL)
+    passes = first.unet_pass(images[:2], resolution=RES)
+    paths = [first.cache.path(first.cache.key(image_hash(im), _settings())) for im in images[:2]]
+    assert all(p.is_file() for p in paths) and calls[0] == 1
+    if fault == "flipped":
+        _flip_bytes(paths[0])
+    elif fault == "swapped":
+        a, b = (p.read_bytes() for p in paths)
+        paths[0].write_bytes(b)
+        paths[1].write_bytes(a)
+    elif fault == "truncated":
+        paths[0].write_bytes(paths[0].read_bytes()[:-100])
+    else:  # random bytes in the values, header intact: non-finite attention unless caught
+        data = bytearray(paths[0].read_bytes())
+        data[-4096:] = torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()
+        paths[0].write_bytes(bytes(data))
+    capsys.readouterr()
+    second = _wrap(pipe, tmp_path)
+    assert torch.equal(second(images[:2], **CALL), labels)
+    bad = 2 if fault == "swapped" else 1
+    assert calls[0] == 2 and (second.cache.bad, second.cache.misses) == (bad, bad)
+    err = capsys.readouterr().err
+    assert err.count(f"attention cache {tmp_path}: entry") == 1, err
+    assert f"{bad} bad entries among them replaced" in second.cache.summary()
+    # Replaced by good entries: a third run reads both.
+    third = _wrap(pipe, tmp_path)
+    again = third.unet_pass(images[:2], resolution=RES)
+    assert (third.cache.hits, third.cache.bad) == (2, 0)
+    for r in passes.attention:
+        assert torch.equal(again.attention[r], passes.attention[r])
+
+
+def _settings() -> dict:
+    return {"timestep": 300, "resolution": RES, "prompt": "", "noise": False, "seed": None}
+
+
+def test_key_covers_the_weights_at_a_model_path(tmp_path, monkeypatch) -> None:
+    # As the breaker did: a copy of the toy model, its UNet weights replaced in place by others
+    # of the same shapes and size. The config is the same; the key must not be.
+    monkeypatch.setenv("DIFFSEG_HOME", str(tmp_path))
+    model = tmp_path / "model"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "tiny_trained", model)
+    cfg = {"_target_": "diffseg.pipeline.DiffSegPipeline.from_pretrained", "model": str(model)}
+    before = context(cfg, torch.device("cpu"), torch.float32)
+    weights = next((model / "unet").glob("*.safetensors"))
+    size = weights.stat().st_size
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: torch.randn_like(t.float()).to(t.dtype) for k, t in load_file(weights).items()}
+    save_file(tensors, weights, metadata)
+    assert weights.stat().st_size == size
+    after = context(cfg, torch.device("cpu"), torch.float32)
+    assert after["model"] == before["model"] and after["weights"] != before["weights"]
+    h = image_hash(torch.zeros(3, 8, 8))
+    keys = [AttentionCache("unused", c).key(h, _settings()) for c in (before, after)]
+    assert keys[0] != keys[1]
 
 
 @pytest.mark.slow

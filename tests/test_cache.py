@@ -107,6 +107,25 @@ def test_stale_cache_is_rebuilt(tmp_path, capsys):
     assert not [p for p in (tmp_path / ".cache").iterdir() if ".tmp-" in p.name]
 
 
+def test_flipped_bytes_in_the_arrow_data_rebuild_the_cache(tmp_path, capsys):
+    _cityscapes(tmp_path)
+    want = _items(get_dataset("cityscapes", tmp_path, resolution=12))
+    get_dataset("cityscapes", tmp_path, resolution=12, cache=True)
+    (shard,) = (tmp_path / ".cache").glob("*/data/*.arrow")
+    data = bytearray(shard.read_bytes())
+    for i in range(len(data) // 3, 2 * len(data) // 3, 97):  # the image values, mid-file
+        data[i] ^= 0x04
+    st = shard.stat()
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # as if untouched
+    capsys.readouterr()
+    cached = get_dataset("cityscapes", tmp_path, resolution=12, cache=True)
+    out = capsys.readouterr().out
+    assert f"cache {shard.parents[1]} has files that changed since it was built" in out
+    assert "rebuilding" in out
+    assert_same(_items(cached), want)
+
+
 def test_removed_file_makes_cache_stale(tmp_path, capsys):
     _cityscapes(tmp_path)
     get_dataset("cityscapes", tmp_path, resolution=12, cache=True)

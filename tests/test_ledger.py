@@ -112,3 +112,17 @@ def test_rows_round_trip_through_json_columns() -> None:
     parsed = ledger_io.parse_row({k: str(v) for k, v in encoded.items()})
     assert (parsed["weights"], parsed["kl_threshold"], parsed["limit"]) == ("", [0.9, 1.0, 1.1], 5)
     assert np.isclose(parsed["kl_threshold"][0], 0.9)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("run_id,miou", "a second header"),
+        ("b,0.6x", "miou is '0.6x', not a number"),
+    ],
+)
+def test_rows_that_are_not_numbers_are_refused_naming_the_line(tmp_path, line, problem) -> None:
+    ledger = tmp_path / "ledger.csv"
+    ledger.write_text(f"run_id,miou\na,0.5\n{line}\nc,\n")
+    with pytest.raises(ledger_io.LedgerError, match=rf"ledger {ledger}, line 3: {problem}"):
+        ledger_io.read_rows(ledger)

@@ -18,7 +18,10 @@ dtype, source and column mapping, synthetic options).  Next to the Arrow data, `
 records the inputs:
 every source file's path, size and mtime (or the Parquet files / hub fingerprint), the label
 lookup table, the class names and a hash of the preprocessing code.  A cache whose fingerprint
-differs is rebuilt, with a message, never used.  It is written into a temporary folder and renamed
+differs is rebuilt, with a message, never used.  ``checksums.json`` holds a CRC-32 of every file
+of the Arrow data (per shard), checked each time the cache is opened (:func:`check_files`): a
+flipped, cut or replaced byte rebuilds the cache, with a message naming it (reading the shards
+costs about as much as one pass over the data; ``bench/bench_data.py`` measures it).  It is written into a temporary folder and renamed
 into place, under a file lock, so concurrent ranks build it once and never see half a cache.
 """
 
@@ -32,9 +35,10 @@ import shutil
 import sys
 import tempfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -118,6 +122,28 @@ def inputs(dataset: Dataset) -> list:
     return []  # synthetic: the options and the code determine every pixel
 
 
+def identity(dataset: Dataset) -> str:
+    """A hash (16 hex) of what a dataset's items are read from, for a resume to compare: its
+    length and :func:`inputs` (each item's id and files' names, sizes and mtimes; a table's
+    files), the folders left out (the root is compared on its own); for a cache, those of the
+    source it was built from; through a wrapper that keeps the dataset as ``.dataset``
+    (``ProtocolData``), the wrapped one's."""
+    inner = vars(dataset).get("dataset", dataset)
+    stored = getattr(inner, "fingerprint", None)
+    data = stored["inputs"] if isinstance(stored, dict) else inputs(inner)
+    blob = json.dumps([len(dataset), _names(data)], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _names(item: Any) -> Any:
+    """``inputs`` with each file's path (``[path, size, mtime]``, :func:`_stat`) cut to its name."""
+    if not isinstance(item, list):
+        return item
+    if len(item) == 3 and isinstance(item[0], str) and all(isinstance(v, int) for v in item[1:]):
+        return [Path(item[0]).name, *item[1:]]
+    return [_names(x) for x in item]
+
+
 def fingerprint(dataset: Dataset, key_options: Mapping) -> dict:
     lut = getattr(dataset, "lut", None)
     return {
@@ -143,6 +169,41 @@ def stale_reason(stored: dict, current: dict) -> str:
             diff = sum(o != n for o, n in zip(old, new, strict=True))
             changed.append(f"inputs ({diff} changed, first {json.dumps(first)[:200]})")
     return ", ".join(changed)
+
+
+CHECKSUMS = "checksums.json"
+
+
+def file_crc32(path: Path) -> str:
+    """CRC-32 (hex) of a file's bytes, read in 16 MiB chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def data_checksums(data: Path) -> dict[str, str]:
+    """Relative path -> CRC-32 of every file under the Arrow data folder ``data``."""
+    return {
+        p.relative_to(data).as_posix(): file_crc32(p)
+        for p in sorted(data.rglob("*"))
+        if p.is_file()
+    }
+
+
+def check_files(path: Path) -> str | None:
+    """Why the Arrow data of the cache at ``path`` cannot be trusted (None when it can): no
+    recorded checksums, or a file missing, added or changed since they were recorded."""
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"has no readable {CHECKSUMS} (made before checksums were recorded?)"
+    current = data_checksums(path / "data")
+    changed = sorted(set(recorded) ^ set(current)) + sorted(
+        name for name in set(recorded) & set(current) if recorded[name] != current[name]
+    )
+    return f"has files that changed since it was built ({', '.join(changed)})" if changed else None
 
 
 def _read_fingerprint(path: Path) -> dict | None:
@@ -248,6 +309,7 @@ def build(
                 datasets.enable_progress_bars()
         del table
         shutil.rmtree(tmp / "scratch")
+        (tmp / CHECKSUMS).write_text(json.dumps(data_checksums(tmp / "data")) + "\n")
         (tmp / "fingerprint.json").write_text(json.dumps(fp) + "\n")
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
@@ -343,13 +405,16 @@ def cached(  # noqa: PLR0913 (get_dataset's own keywords, which key the cache)
     fp = fingerprint(dataset, key)
     with FileLock(str(path) + ".lock"):
         stored = _read_fingerprint(path)
-        if stored != fp:
+        problem = None if stored is None else check_files(path)
+        if stored != fp or problem:
             if stored is not None:
-                echo(f"{name}: cache {path} is stale ({stale_reason(stored, fp)}); rebuilding")
+                why = f"is stale ({stale_reason(stored, fp)})" if stored != fp else problem
+                echo(f"{name}: cache {path} {why}; rebuilding")
             build(dataset, path, fp, resolution, dtype, echo=echo)
         # Inside the lock: another process may be rebuilding this folder otherwise.
         table = datasets.load_from_disk(str(path / "data"))
     out = CachedDataset(table, dataset.class_names, name, on_error, fp["skipped"])
     out.skipped_ids = list(getattr(dataset, "skipped_ids", []))
+    out.fingerprint = fp  # what it was built from, for eval.state's resume check (identity)
     out.split_size = getattr(dataset, "split_size", None)
     return out
