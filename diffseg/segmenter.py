@@ -45,8 +45,8 @@ class UNetPass:
     """What one UNet pass of a batch gives the segmenters.
 
     attention: resolution `r` (largest first) -> block- and head-averaged self-attention
-    `(B, r*r, r*r)`; empty for a pass that captures none (`diffseg.passes.Numerics`). features: DiffCut's UNet features `(B, C, h, w)` (`diffseg.features`), None
-    when not captured.
+    `(B, r*r, r*r)`; empty for a pass that captures none (`diffseg.passes.Numerics`). features:
+    DiffCut's UNet features `(B, C, h, w)` (`diffseg.features`), None when not captured.
     """
 
     attention: dict[int, torch.Tensor]
