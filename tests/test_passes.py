@@ -1,6 +1,7 @@
 """One UNet pass's settings as one value (`diffseg.passes.PassSettings`), and DiffCut's passes with
-DiffCut's numerics, checked on the CPU in bfloat16 (autocast, dtypes) against a transcription of
-DiffCut's `tools/ldm.py` (PaulCouairon/DiffCut at aa16df4, `LdmExtractor.forward`)."""
+DiffCut's numerics, checked on the CPU in bfloat16 (autocast, dtypes) and, where there is one, on
+CUDA in float16 (`bench/gpu_check.sh sdxl`) against a transcription of DiffCut's `tools/ldm.py`
+(PaulCouairon/DiffCut at aa16df4, `LdmExtractor.forward`)."""
 
 from __future__ import annotations
 
@@ -125,15 +126,22 @@ def test_diffcuts_pass_runs_with_diffcuts_numerics(images, layout) -> None:
 
 
 def reference_features(pipe: DiffSegPipeline, images: torch.Tensor) -> torch.Tensor:
-    """DiffCut's `LdmExtractor.forward` transcribed for the CPU: its float32 autocast over the
-    VAE is the VAE's weights cast to float32, its float16 autocast over the UNet the model's
-    dtype; DDIM with trailing spacing; seed 42, timestep 50, the empty prompt."""
+    """DiffCut's `LdmExtractor.forward` transcribed: the VAE under float32 autocast (on the CPU,
+    which has no float32 autocast, the VAE's weights cast to float32: what that autocast computes),
+    the UNet under autocast in the model's dtype; DDIM with trailing spacing; seed 42, timestep
+    50, the empty prompt."""
+    device = pipe.device
     with torch.no_grad():
-        vae = copy.deepcopy(pipe.vae).float()
-        latent = vae.encode(2 * images - 1).latent_dist.mean * vae.config.scaling_factor
-        rng = torch.Generator(device="cpu").manual_seed(42)
-        noise = torch.randn(1, 4, RES // 8, RES // 8, generator=rng).expand_as(latent)
-        t = torch.tensor([50]).expand(images.shape[0])
+        if device.type == "cuda":
+            with torch.autocast(device_type="cuda", dtype=torch.float32):
+                posterior = pipe.vae.encode(2 * images - 1).latent_dist
+        else:
+            posterior = copy.deepcopy(pipe.vae).float().encode(2 * images - 1).latent_dist
+        latent = posterior.mean * pipe.vae.config.scaling_factor
+        rng = torch.Generator(device=device).manual_seed(42)
+        shape = (1, 4, RES // 8, RES // 8)
+        noise = torch.randn(shape, generator=rng, device=device).expand_as(latent)
+        t = torch.tensor([50], device=device).expand(images.shape[0])
         ddim = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
         noisy = ddim.add_noise(latent, noise, t)
         embeds = pipe.encode_prompt("").expand(images.shape[0], -1, -1)
@@ -141,7 +149,7 @@ def reference_features(pipe: DiffSegPipeline, images: torch.Tensor) -> torch.Ten
         layer = pipe.unet.get_submodule(feature_layer(pipe.unet))
         hook = layer.register_forward_hook(lambda m, a, o: out.update(features=o))
         try:
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            with torch.autocast(device_type=device.type, dtype=pipe.dtype):
                 pipe.unet(noisy, t, encoder_hidden_states=embeds)
         finally:
             hook.remove()
@@ -150,15 +158,22 @@ def reference_features(pipe: DiffSegPipeline, images: torch.Tensor) -> torch.Ten
     return out["features"].transpose(1, 2).reshape(b, c, side, side)
 
 
-def test_diffcuts_features_are_its_codes_in_bfloat16(images) -> None:
-    pipe = DiffSegPipeline.from_tiny(seed=0, dtype="bfloat16")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"), [("cpu", "bfloat16"), pytest.param("cuda", "float16", marks=CUDA)]
+)
+def test_diffcuts_features_are_its_codes(images, device, dtype) -> None:
+    pipe = DiffSegPipeline.from_tiny(seed=0, device=device, dtype=dtype)
+    images = images.to(device)
     call = diffcut_call()
     with capture_features(pipe.unet) as store:
         labels = segment_batch(pipe, images, ITEMS, call)
     expected = reference_features(pipe, images)
-    assert store.features.dtype == torch.bfloat16
+    assert store.features.dtype == pipe.dtype
     assert torch.equal(store.features, expected)
-    assert torch.equal(labels, diffcut_segment(expected, RES, call["alpha"], call["tau"]))
+    assert torch.equal(labels, diffcut_segment(expected, RES, call["alpha"], call["tau"]).cpu())
 
 
 def test_a_compiled_unet_refuses_diffcuts_pass(images) -> None:
