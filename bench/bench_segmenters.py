@@ -1,11 +1,18 @@
-"""Several segmenters on one UNet pass against one pass each: what `segmenters:` saves per batch.
+"""Several segmenters on shared UNet passes against one pass each, and what DiffCut's own pass
+saves over one that also captures DiffSeg's attention.
 
-The segmenters are DiffSeg, K-Means-C and DiffCut with one pass setting (timestep 300, no noise,
-so that all three can share it), as in the README's example run. `shared` is
-`eval.segmenters.segment_all` (one UNet pass that also captures DiffCut's features, then each
-segmenter); the baseline `separate` is `segment_batch` per segmenter (a pass each), in the same
-run on the same images. Models: `tiny` and the SD 1.4 UNet/VAE configuration with random weights
-(`sd14`, no download; `bench_pipeline.build`). The labels of both ways are checked equal.
+Table 1: DiffSeg, K-Means-C and DiffCut (their conf/segmenter/ settings), as in the README's example
+run. `shared` is `eval.segmenters.segment_all` (one UNet pass per pass setting: DiffSeg and
+K-Means-C share one; DiffCut's is its own, with DiffCut's numerics); the baseline `separate` is
+`segment_batch` per segmenter (a pass each), in the same run on the same images.
+
+Table 2: DiffCut alone. Its pass as the project ran it before (`numerics=plain`: DiffSeg's capture
+processor computes and records the self-attention beside the features) against DiffCut's own
+pass (`numerics=diffcut`: diffusers' attention, nothing captured; on CUDA in float16 also under
+autocast), the same images in the same run.
+
+Models: `tiny` and the SD 1.4 UNet/VAE configuration with random weights (`sd14`, no download;
+`bench_pipeline.build`). The labels of both ways of table 1 are checked equal.
 
     python bench/bench_segmenters.py                            # CPU, tiny + sd14 at 256 px
     python bench/bench_segmenters.py --device cuda --resolution 512 --batch 4
@@ -24,11 +31,12 @@ from bench_pipeline import MODELS, bench_images, build, machine, report
 from omegaconf import OmegaConf
 from timing import timed
 
+from diffseg.passes import DIFFCUT, PassSettings
 from eval import PROJECT_ROOT
 from eval.segmenters import segment_all, segment_batch, segmenter_call
 
-# conf/segmenter/NAME.yaml with these changes: DiffCut on DiffSeg's pass setting.
-SEGMENTERS = {"diffseg": {}, "kmeans_c": {}, "diffcut": {"timestep": 300, "noise": False}}
+# conf/segmenter/NAME.yaml with these changes.
+SEGMENTERS: dict[str, dict[str, Any]] = {"diffseg": {}, "kmeans_c": {}, "diffcut": {}}
 
 
 def calls(pipe: Any, resolution: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -76,6 +84,21 @@ def bench_model(model: str, args: argparse.Namespace) -> str:
     )
 
 
+def bench_capture(model: str, args: argparse.Namespace) -> str:
+    """One row of table 2: DiffCut's pass with and without DiffSeg's capture, timed alike."""
+    device = torch.device(args.device)
+    pipe = build(model, args.device, args.dtype)
+    call = calls(pipe, args.resolution)[list(SEGMENTERS).index("diffcut")]
+    images = bench_images(args.batch, args.resolution)
+    ways = [PassSettings.of(call), PassSettings.of(call, numerics=DIFFCUT.name)]
+    for settings in ways:  # warm-up
+        pipe.unet_pass(images, settings)
+    captured, own = (
+        best_of(args.repeats, device, lambda s=s: [pipe.unet_pass(images, s)])[0] for s in ways
+    )
+    return f"| {model} | {captured:.2f} | {own:.2f} | {captured / own:.2f}x |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -91,16 +114,28 @@ def main() -> None:
         " labels equal |",
         "|---|---|---|---|---|---|",
     ]
+    capture = [
+        "| model | DiffCut's pass with DiffSeg's capture (s) | DiffCut's own pass (s) |"
+        " with / without |",
+        "|---|---|---|---|",
+    ]
     for model in args.models:
         rows.append(bench_model(model, args))
         print(rows[-1], flush=True)
+        capture.append(bench_capture(model, args))
+        print(capture[-1], flush=True)
     text = "\n".join(
         [
             f"Machine: {machine(torch.device(args.device))}; resolution {args.resolution}, "
             f"batch {args.batch}; best of {args.repeats} after one warm-up. Per batch, all "
-            "three segmenters.",
+            "three segmenters (DiffCut's pass is its own: its numerics).",
             "",
             *rows,
+            "",
+            "DiffCut alone, per batch: its UNet pass (VAE included) with and without DiffSeg's "
+            "attention capture.",
+            "",
+            *capture,
         ]
     )
     report(text, f"Several segmenters on one UNet pass ({args.device})", args.append)

@@ -41,7 +41,10 @@ def _load(data: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 
 def _aggregate(pipe: DiffSegPipeline, images: torch.Tensor, resolution: int) -> torch.Tensor:
     return torch.cat(
-        [pipe.aggregate(b, TIMESTEP, resolution=resolution).float() for b in images.split(8)]
+        [
+            pipe.aggregate(b, timestep=TIMESTEP, resolution=resolution).float()
+            for b in images.split(8)
+        ]
     )
 
 

@@ -222,6 +222,30 @@ def self_attention_layers(unet: torch.nn.Module) -> list[str]:
     ]
 
 
+def install_capture(
+    unet: torch.nn.Module, store: AttentionStore | None = None, max_elements: int | None = None
+) -> SelfAttentionCaptureProcessor:
+    """Set one capture processor, adding to ``store`` (a new one unless given), on every
+    self-attention layer of ``unet`` (the other processors are kept); returns it."""
+    store = AttentionStore() if store is None else store
+    processor = SelfAttentionCaptureProcessor(store, max_elements)
+    layers = set(self_attention_layers(unet))
+    unet.set_attn_processor(
+        {name: processor if name in layers else p for name, p in unet.attn_processors.items()}
+    )
+    return processor
+
+
+def attention_levels(unet: torch.nn.Module) -> list[int]:
+    """The UNet levels (0: the latent's) whose blocks hold self-attention layers, ascending."""
+    levels = [i for i, block in enumerate(unet.down_blocks) if hasattr(block, "attentions")]
+    if hasattr(unet.mid_block, "attentions"):
+        levels.append(len(unet.down_blocks) - 1)
+    if not levels:
+        raise ValueError("this UNet has no self-attention layers: DiffSeg segments from them")
+    return sorted(set(levels))
+
+
 @contextmanager
 def capture_self_attention(
     unet: torch.nn.Module,
@@ -239,12 +263,9 @@ def capture_self_attention(
         raise ValueError(
             f"{type(unet).__name__} has no self-attention layers (`attn1` of a transformer block)"
         )
-    store = AttentionStore() if store is None else store
-    processor = SelfAttentionCaptureProcessor(store, max_elements)
     original = unet.attn_processors
-    unet.set_attn_processor(
-        {name: processor if name in layers else p for name, p in original.items()}
-    )
+    processor = install_capture(unet, store, max_elements)
+    store = processor.store
     try:
         yield store
         current = unet.attn_processors

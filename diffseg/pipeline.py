@@ -11,14 +11,12 @@ each resolution (`diffseg.attention`), are aggregated (`diffseg.aggregate`) and 
 `DiffSegPipeline` is a diffusers `DiffusionPipeline`: loading, saving and `.to(device, dtype)` are
 diffusers'; model folders are described in `diffseg.loading`.
 
-SDXL-shaped UNets (SDXL, SSD-1B: `unet.config.addition_embed_type == "text_time"`) are run as
-diffusers' SDXL pipelines run them: the prompt embedded by both text encoders
-(`StableDiffusionXLPipeline.encode_prompt`: penultimate hidden states concatenated, the second
-encoder's pooled projection), the added conditioning of an uncropped square image of the input
-side (time ids `(R, R, 0, 0, R, R)`, as DiffCut's `tools/ldm.py`), and the VAE in float32 when its
-config asks for it (`force_upcast`, SDXL's VAE overflows in float16). The noise schedule is read as
-DDPM's whatever scheduler the folder names (SDXL ships Euler, whose `add_noise` is another
-parametrisation): only `add_noise` is used, and DDPM's is DiffCut's (DDIM's, the same formula).
+The text conditioning of SD 1.x- and SDXL-shaped UNets (SDXL, SSD-1B) is one object chosen at
+construction (`diffseg.conditioning`); a pass's settings are one `diffseg.passes.PassSettings`,
+whose numerics say how it rounds (DiffSeg's plain pass, or DiffCut's mixed precision). The noise
+schedule is read as DDPM's whatever scheduler the folder names (SDXL ships Euler, whose
+`add_noise` is another parametrisation): only `add_noise` is used, and DDPM's is DiffCut's (DDIM's,
+the same formula).
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +34,6 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     SchedulerMixin,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image
@@ -44,21 +42,17 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from diffseg.attention import (
     AttentionStore,
-    SelfAttentionCaptureProcessor,
+    attention_levels,
     capture_self_attention,
+    install_capture,
     self_attention_layers,
 )
+from diffseg.conditioning import SDXLConditioning, conditioning_for
 from diffseg.devices import resolve_device, resolve_dtype
 from diffseg.features import capture_features
-from diffseg.loading import (
-    PROMPT_EMBEDS_FILE,
-    TEXT_PARTS,
-    XL_TEXT_PARTS,
-    check_folder,
-    load_prompt_embeds,
-    model_folder,
-)
-from diffseg.models import SDXL_TIME_IDS, build_tiny, build_tiny_xl
+from diffseg.loading import PROMPT_EMBEDS_FILE, check_folder, load_prompt_embeds, model_folder
+from diffseg.models import build_tiny, build_tiny_xl
+from diffseg.passes import DEFAULT_PASS, PassSettings
 from diffseg.preprocess import to_model_input
 from diffseg.segmenter import AttentionSegmenter, DiffSegOutput, UNetPass
 
@@ -109,49 +103,25 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
         )
-        self._check_text_parts(prompt_embeds, pooled_prompt_embeds)
+        # SD 1.x's or SDXL's text conditioning, by the UNet's config (diffseg.conditioning).
+        self.conditioning = conditioning_for(unet)
+        self.conditioning.setup(self, prompt_embeds, pooled_prompt_embeds)
         for module in (unet, vae, text_encoder, text_encoder_2):
             if module is not None:
                 module.eval().requires_grad_(False)
         self.capture_max_elements: int | None = None
-        self._prompt_embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if prompt_embeds is not None:
-            self._prompt_embeds[""] = self._check_embeds(prompt_embeds, pooled_prompt_embeds)
         # Set by compile_unet: the capture processors then stay installed, feeding this store.
         self._capture_store: AttentionStore | None = None
         self.num_self_attention_layers = len(self_attention_layers(unet))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(unet.config.down_block_types) - 1)
-        # The UNet levels (0: the latent's) whose blocks hold self-attention layers.
-        levels = [i for i, block in enumerate(unet.down_blocks) if hasattr(block, "attentions")]
-        if hasattr(unet.mid_block, "attentions"):
-            levels.append(len(unet.down_blocks) - 1)
-        if not levels:
-            raise ValueError("this UNet has no self-attention layers: DiffSeg segments from them")
-        self.attention_levels = sorted(set(levels))
+        self.attention_levels = attention_levels(unet)
         self.attention_scale_factor = self.vae_scale_factor * 2 ** self.attention_levels[0]
 
     @property
     def is_xl(self) -> bool:
         """Whether the UNet is SDXL-shaped: it takes the pooled text embedding and time ids."""
-        return self.unet.config.get("addition_embed_type") == "text_time"
-
-    @property
-    def text_parts(self) -> tuple[str, ...]:
-        """The text encoders and tokenizers the UNet's conditioning needs (SDXL: both pairs)."""
-        return TEXT_PARTS + (XL_TEXT_PARTS if self.is_xl else ())
-
-    def _check_text_parts(
-        self, prompt_embeds: torch.Tensor | None, pooled: torch.Tensor | None
-    ) -> None:
-        encoders = self.text_parts
-        has_encoders = all(getattr(self, name) is not None for name in encoders)
-        has_embeds = prompt_embeds is not None and (pooled is not None or not self.is_xl)
-        if not (has_encoders or has_embeds):
-            embeds = "prompt_embeds and pooled_prompt_embeds" if self.is_xl else "prompt_embeds"
-            raise ValueError(
-                f"give {', '.join(encoders)}, or {embeds} (the empty prompt's embedding)"
-            )
+        return isinstance(self.conditioning, SDXLConditioning)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -208,8 +178,7 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         self.to(device_, silence_dtype_warnings=True)
         if self.dtype != dtype_:
             self.to(dtype=dtype_, silence_dtype_warnings=True)
-        upcast = self.is_xl and self.vae.config.get("force_upcast", False)
-        if upcast and self.vae.dtype != torch.float32:
+        if self.conditioning.vae_upcast(self.vae) and self.vae.dtype != torch.float32:
             self.vae.to(dtype=torch.float32)
         return self
 
@@ -235,145 +204,76 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         save_file(tensors, Path(save_directory) / PROMPT_EMBEDS_FILE)
 
     # ------------------------------------------------------------------ steps
-    def _check_embeds(
-        self, embeds: torch.Tensor, pooled: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if embeds.ndim == 2:
-            embeds = embeds[None]
-        dim = self.unet.config.cross_attention_dim
-        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != dim:
-            raise ValueError(
-                f"prompt_embeds must have shape (1, L, {dim}) for this UNet, got {tuple(embeds.shape)}"
-            )
-        if not self.is_xl:
-            return embeds, None
-        config = self.unet.config
-        width = config.projection_class_embeddings_input_dim
-        width -= SDXL_TIME_IDS * config.addition_time_embed_dim
-        if pooled is None or pooled.reshape(-1).shape[0] != width:
-            got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(
-                f"pooled_prompt_embeds must have shape (1, {width}) for this SDXL-shaped UNet, "
-                f"got {got}"
-            )
-        return embeds, pooled.reshape(1, width)
-
     @torch.inference_mode()
     def prompt_conditioning(self, prompt: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
         """`prompt`'s text embedding `(1, 77, D)` (padded to the tokenizer's length) and, for an
         SDXL-shaped UNet, its pooled embedding `(1, P)` (else None); cached."""
-        if prompt not in self._prompt_embeds:
-            self._prompt_embeds[prompt] = self._check_embeds(*self._run_text_encoders(prompt))
-        embeds, pooled = self._prompt_embeds[prompt]
-        if embeds.device != self.device or embeds.dtype != self.dtype:
-            # Not registered modules, so `.to()` leaves them behind: follow the pipeline here.
-            embeds, pooled = (
-                None if t is None else t.to(self.device, self.dtype) for t in (embeds, pooled)
-            )
-            self._prompt_embeds[prompt] = embeds, pooled
-        return embeds, pooled
+        return self.conditioning.embeddings(self, prompt)
 
     def encode_prompt(self, prompt: str = "") -> torch.Tensor:
         """Text embedding `(1, 77, D)` of `prompt` (:meth:`prompt_conditioning`)."""
         return self.prompt_conditioning(prompt)[0]
 
-    def _run_text_encoders(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        parts = self.text_parts
-        if any(getattr(self, name) is None for name in parts):
-            raise ValueError(
-                f"prompt={prompt!r}: this model was loaded with only the empty-prompt embedding "
-                f"({PROMPT_EMBEDS_FILE}); other prompts need {', '.join(p + '/' for p in parts)}"
-            )
-        if self.is_xl:
-            # diffusers' own SDXL text conditioning, on this pipeline's modules (no copies).
-            sdxl = StableDiffusionXLPipeline(
-                self.vae,
-                self.text_encoder,
-                self.text_encoder_2,
-                self.tokenizer,
-                self.tokenizer_2,
-                self.unet,
-                self.scheduler,
-                add_watermarker=False,
-            )
-            embeds, _, pooled, _ = sdxl.encode_prompt(
-                prompt, device=self.device, do_classifier_free_guidance=False
-            )
-            return embeds, pooled
-        tokens = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0], None
-
-    def unet_conditioning(self, prompt: str, latents: torch.Tensor) -> dict[str, Any]:
-        """The UNet's keyword arguments besides the sample and timestep for ``latents (B, C, h,
-        w)``: the prompt's embedding for each image; for an SDXL-shaped UNet also the pooled
-        embedding and the time ids of an uncropped image of the input size."""
-        embeds, pooled = self.prompt_conditioning(prompt)
-        batch = latents.shape[0]
-        kwargs: dict[str, Any] = {"encoder_hidden_states": embeds.expand(batch, -1, -1)}
-        if pooled is not None:
-            h, w = (side * self.vae_scale_factor for side in latents.shape[-2:])
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype)
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": pooled.expand(batch, -1),
-                "time_ids": time_ids.expand(batch, -1),
-            }
-        return kwargs
-
     def preprocess(
-        self, images: torch.Tensor | Sequence[Image.Image], resolution: int
+        self,
+        images: torch.Tensor | Sequence[Image.Image],
+        resolution: int,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Images -> `(B, 3, resolution, resolution)` in [-1, 1] on the pipeline's device/dtype."""
-        return to_model_input(images, resolution, self.device, self.dtype)
+        """Images -> `(B, 3, resolution, resolution)` in [-1, 1] on the pipeline's device, in
+        ``dtype`` (None: the pipeline's)."""
+        return to_model_input(images, resolution, self.device, dtype or self.dtype)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """`(B, 3, R, R)` in [-1, 1] -> latents `(B, C, R/8, R/8)`: posterior mean x scaling factor
-        (in the VAE's dtype, float32 for an upcast SDXL VAE; returned in the pipeline's)."""
+        (in the VAE's dtype, float32 for an upcast SDXL VAE; returned in the pixels')."""
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+        return (latents * self.vae.config.scaling_factor).to(pixels.dtype)
 
     @torch.inference_mode()
     def capture_attention(
-        self,
-        latents: torch.Tensor,
-        timestep: int = 300,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
+        self, latents: torch.Tensor, settings: PassSettings = DEFAULT_PASS
     ) -> dict[int, torch.Tensor]:
-        """One UNet pass; resolution `r` -> block- and head-averaged attention `(B, r*r, r*r)`.
+        """One UNet pass under ``settings`` (its resolution is the latents'); resolution `r` ->
+        block- and head-averaged attention `(B, r*r, r*r)`, or {} for numerics that capture none.
 
-        With `noise`, the latents are noised to `timestep` (DDPM's forward process) with one
-        `(1, C, h, w)` normal draw from a generator on the pipeline's device seeded `seed`, shared
-        by the batch as DiffCut's `tools/ldm.py` draws it: an image's noise depends neither on its
-        batch nor on its position in it (on CUDA, seed 42, DiffCut's own noise values).
+        With `noise`, the latents are noised to `timestep` (DDPM's forward process, in the
+        latents' dtype) with one `(1, C, h, w)` normal draw from a generator on the pipeline's
+        device seeded `seed`, shared by the batch as DiffCut's `tools/ldm.py` draws it: an image's
+        noise depends neither on its batch nor on its position in it (on CUDA, seed 42, DiffCut's
+        own noise values).
         """
         steps = self.scheduler.config.num_train_timesteps
-        if not 0 <= int(timestep) < steps:
-            raise ValueError(f"timestep must be in [0, {steps}), got {timestep}")
-        t = torch.tensor([int(timestep)], device=self.device)
-        if noise:
-            generator = torch.Generator(self.device).manual_seed(seed)
+        if not 0 <= settings.timestep < steps:
+            raise ValueError(f"timestep must be in [0, {steps}), got {settings.timestep}")
+        t = torch.tensor([settings.timestep], device=self.device)
+        if settings.noise:
+            generator = torch.Generator(self.device).manual_seed(settings.seed)
             shape = (1, *latents.shape[1:])
             eps = torch.randn(shape, generator=generator, device=self.device).to(latents.dtype)
             latents = self.scheduler.add_noise(latents, eps.expand_as(latents), t)
-        conditioning = self.unet_conditioning(prompt, latents)
-        if self._capture_store is not None:
-            store = self._capture_store
-            store.reset()
-            self.unet(latents, t, **conditioning)
+        # The prompt's embeddings; SDXL: also the time ids of an uncropped image of the input side.
+        size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
+        embeds = self.prompt_conditioning(settings.prompt)
+        conditioning = self.conditioning.unet_kwargs(*embeds, latents.shape[0], size)
+        numerics = settings.arithmetic
+        if self.compiled and not numerics.capture:
+            raise ValueError(
+                f"numerics={numerics.name!r} runs diffusers' own attention processors, which "
+                "compile_unet replaced for good with DiffSeg's capture (compile=true): run DiffCut "
+                "without compile=true"
+            )
+        if self.compiled or not numerics.capture:
+            capture = nullcontext(self._capture_store)  # the compiled UNet's store, or None
         else:
-            with capture_self_attention(self.unet, max_elements=self.capture_max_elements) as store:
-                self.unet(latents, t, **conditioning)
+            capture = capture_self_attention(self.unet, max_elements=self.capture_max_elements)
+        with capture as store, numerics.unet_arithmetic(self.device, self.dtype):
+            if store is not None:
+                store.reset()
+            self.unet(latents, t, **conditioning)
+        if store is None:
+            return {}
         if sum(store.counts.values()) != self.num_self_attention_layers:
             raise RuntimeError(
                 f"captured {sum(store.counts.values())} self-attention layers, expected "
@@ -397,12 +297,7 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         """
         if self.compiled:
             return
-        store = AttentionStore()
-        processor = SelfAttentionCaptureProcessor(store, self.capture_max_elements)
-        layers = set(self_attention_layers(self.unet))
-        self.unet.set_attn_processor(
-            {n: processor if n in layers else p for n, p in self.unet.attn_processors.items()}
-        )
+        store = install_capture(self.unet, max_elements=self.capture_max_elements).store
         self.unet.compile(**options)
         self._capture_store = store
 
@@ -422,48 +317,37 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
                 f"got {resolution!r}"
             )
 
-    def attention(
+    def unet_pass(
         self,
         images: torch.Tensor | Sequence[Image.Image],
-        timestep: int = 300,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-    ) -> dict[int, torch.Tensor]:
-        """Preprocess, encode, one UNet pass: resolution `r` (largest first) -> `(B, r*r, r*r)`.
-
-        The one step that runs the model; `aggregate` and `__call__` build on it, so a subclass of
-        `AttentionSegmenter` with its own `attention` (e.g. `eval.attention_cache`) changes where
-        the attention comes from.
-        """
-        self.check_resolution(resolution)
-        latents = self.encode_images(self.preprocess(images, resolution))
-        return self.capture_attention(latents, timestep, prompt, noise, seed)
-
-    def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
-        self,
-        images: torch.Tensor | Sequence[Image.Image],
-        timestep: int = 300,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
+        settings: PassSettings = DEFAULT_PASS,
         features: bool = True,
     ) -> UNetPass:
-        """`attention` (same arguments), with DiffCut's UNet features `(B, C, h, w)` captured in
-        the same pass when `features` (`diffseg.features.capture_features`: forward hooks that
-        change no computation, so the attention is the same as without them)."""
+        """Preprocess, encode, one UNet pass under ``settings``: the attention
+        (`capture_attention`) and, when `features`, DiffCut's UNet features `(B, C, h, w)` of the
+        same pass (`diffseg.features.capture_features`: forward hooks that change no computation,
+        so the attention is the same as without them).
+
+        The one step that runs the model; `attention`, `aggregate` and `__call__` build on it, so
+        a `diffseg.segmenter.PassSource` with its own `unet_pass` (e.g. `eval.attention_cache`)
+        changes where the passes come from.
+        """
+        self.check_resolution(settings.resolution)
+        numerics = settings.arithmetic
+        if not (features or numerics.capture):
+            raise ValueError(f"numerics={numerics.name!r} without features captures nothing")
+        pixels = self.preprocess(images, settings.resolution, numerics.input_dtype(self.dtype))
+        with numerics.vae_arithmetic(self.vae):
+            latents = self.encode_images(pixels)
         if not features:
-            return UNetPass(self.attention(images, timestep, resolution, prompt, noise, seed))
+            return UNetPass(self.capture_attention(latents, settings))
         with capture_features(self.unet) as store:
-            attention = self.attention(images, timestep, resolution, prompt, noise, seed)
+            attention = self.capture_attention(latents, settings)
         return UNetPass(attention, store.features)
 
     def __repr__(self) -> str:
-        config: dict[str, Any] = dict(self.unet.config)
         return (
             f"{type(self).__name__}(device={self.device}, dtype={self.dtype}, "
-            f"unet_channels={config['block_out_channels']}, "
+            f"unet_channels={self.unet.config.block_out_channels}, "
             f"self_attention_layers={self.num_self_attention_layers})"
         )

@@ -2,8 +2,9 @@
 (`diffseg.merge`), on whatever gives the per-resolution self-attention of a batch.
 
 `DiffSegPipeline` runs the model for it; `PassSource` subclasses take the passes from elsewhere
-(`eval.attention_cache.CachedAttentionPipeline` reads stored maps). All inherit `aggregate` and `__call__` from `AttentionSegmenter`, so they segment
-the same way.
+(`eval.attention_cache.CachedAttentionPipeline` reads stored maps). All inherit `attention`,
+`aggregate` and `__call__` from `AttentionSegmenter`, so they segment the same way; a pass's
+settings are one `diffseg.passes.PassSettings`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffseg.merge import (
     proposals_to_labels,
     segment_attention,
 )
+from diffseg.passes import DEFAULT_PASS, PLAIN, PassSettings
 
 
 @dataclass
@@ -43,8 +45,8 @@ class UNetPass:
     """What one UNet pass of a batch gives the segmenters.
 
     attention: resolution `r` (largest first) -> block- and head-averaged self-attention
-    `(B, r*r, r*r)`. features: DiffCut's UNet features `(B, C, h, w)` (`diffseg.features`), None
-    when not captured.
+    `(B, r*r, r*r)`; empty for a pass that captures none (`diffseg.passes.Numerics`). features:
+    DiffCut's UNet features `(B, C, h, w)` (`diffseg.features`), None when not captured.
     """
 
     attention: dict[int, torch.Tensor]
@@ -54,24 +56,30 @@ class UNetPass:
 class AttentionSegmenter:
     """Segments images from their attention: a subclass provides
 
-    - `attention(images, timestep, resolution, prompt, noise, seed)`: resolution `r` (largest
-      first) -> `(B, r*r, r*r)`, validating `resolution` itself;
+    - `unet_pass(images, settings, features)`: the `UNetPass` of a batch under `PassSettings`
+      (`DiffSegPipeline.unet_pass`), validating `settings.resolution` itself;
     - `check_resolution(resolution)`: raises ValueError for an input side the model cannot take;
     - `attention_scale_factor`: input pixels per position of the largest self-attention map (8
       for Stable Diffusion 1.x, 16 for SDXL).
 
-    The keyword settings mirror a diffusers pipeline call (and `conf/segmenter/diffseg.yaml`).
+    `aggregate` and `__call__` take the pass settings as keywords (`PassSettings`' fields: the
+    keys of `conf/segmenter/diffseg.yaml`), as a diffusers pipeline call does.
     """
 
-    def aggregate(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
-        self,
-        images: Any,
-        timestep: int = 300,
-        weights: Sequence[float] | None = None,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
+    def attention(
+        self, images: Any, settings: PassSettings = DEFAULT_PASS
+    ) -> dict[int, torch.Tensor]:
+        """Resolution `r` (largest first) -> self-attention `(B, r*r, r*r)`: the subclass's
+        `unet_pass` without features."""
+        if not settings.arithmetic.capture:
+            raise ValueError(
+                f"numerics={settings.numerics!r} runs diffusers' own attention and captures none; "
+                f"DiffSeg's attention needs numerics={PLAIN.name!r}"
+            )
+        return self.unet_pass(images, settings, features=False).attention
+
+    def aggregate(
+        self, images: Any, *, weights: Sequence[float] | None = None, **pass_settings: Any
     ) -> torch.Tensor:
         """The aggregated self-attention `(B, S, S, S, S)` of a batch (`S = resolution /
         attention_scale_factor`: 8 for SD 1.x, 16 for SDXL).
@@ -79,37 +87,38 @@ class AttentionSegmenter:
         Everything `__call__` does before merging (same arguments, same meaning), for segmenters
         other than DiffSeg's merging (e.g. `diffseg.kmeans`). Stays on the attention's device.
         """
-        attention = self.attention(images, timestep, resolution, prompt, noise, seed)
+        attention = self.attention(images, PassSettings(**pass_settings))
         with torch.inference_mode():
             return aggregate_attention(list(attention.values()), weights)
 
     def __call__(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
         self,
         images: Any,
-        timestep: int = 300,
+        *,
         kl_threshold: Sequence[float] = (1.1, 1.1, 1.1),
         num_points: int = 16,
         refine: bool = False,
         weights: Sequence[float] | None = None,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
         return_intermediates: bool = False,
         first_merge_dtype: str = "float64",
+        **pass_settings: Any,
     ) -> torch.Tensor | DiffSegOutput:
         """Segment a batch: `(B, 3, H, W)` in [0, 1] or PIL images -> labels `(B, res, res)`.
 
-        `weights`: aggregation weight per resolution, largest resolution first (default r/sum(r)).
-        `noise`: add scheduler noise at `timestep` (one map seeded `seed`, the same for every image); off in
-        the official method. `first_merge_dtype`: "float64" (exact KL) or "float16" (the official
-        code's arithmetic for merge iteration 1; see `diffseg.merge.merge_attention`). Labels are
-        returned on the CPU; intermediates stay on the device.
+        `pass_settings`: `PassSettings`' fields (`timestep=300, resolution=512, prompt="",
+        noise=False, seed=0`: `noise` adds one scheduler noise map seeded `seed`, the same for
+        every image, off in the official method). `weights`: aggregation weight per resolution,
+        largest resolution first (default r/sum(r)). `first_merge_dtype`: "float64" (exact KL) or
+        "float16" (the official code's arithmetic for merge iteration 1; see
+        `diffseg.merge.merge_attention`). Labels are returned on the CPU; intermediates stay on
+        the device.
         """
+        settings = PassSettings(**pass_settings)
+        resolution = settings.resolution
         # Before the UNet pass: a bad merge setting would otherwise fail only after it.
         self.check_resolution(resolution)
         check_merge_settings(resolution, num_points, kl_threshold, self.attention_scale_factor)
-        attention = self.attention(images, timestep, resolution, prompt, noise, seed)
+        attention = self.attention(images, settings)
         with torch.inference_mode():
             aggregated = aggregate_attention(list(attention.values()), weights)
             if not return_intermediates:
@@ -130,25 +139,11 @@ class AttentionSegmenter:
 
 class PassSource(AttentionSegmenter):
     """A pipeline whose UNet passes come from elsewhere (a cache, a memo of the batch's passes):
-    a subclass gives `unet_pass(images, timestep, resolution, prompt, noise, seed, features)`
-    (`DiffSegPipeline.unet_pass`'s signature); `attention` is its attention, and every other
-    attribute is the wrapped `pipeline`'s."""
+    a subclass gives `unet_pass(images, settings, features)` (`DiffSegPipeline.unet_pass`'s
+    signature); every other attribute is the wrapped `pipeline`'s."""
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipeline, name)
-
-    def attention(
-        self,
-        images: Any,
-        timestep: int = 300,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-    ) -> dict[int, torch.Tensor]:
-        """The attention of the subclass's `unet_pass`, without features (what `aggregate` and
-        `__call__` read)."""
-        return self.unet_pass(images, timestep, resolution, prompt, noise, seed, False).attention

@@ -12,9 +12,10 @@ that reads them.
 
 Key (SHA-256 of a JSON document): the model config (target, name or path, revision, dtype,
 seed) and its weights' fingerprint (``eval.record.weights_fingerprint``: the content hash of every
-weight file, so weights replaced in place are another key), the device type and compute dtype, the storage dtype, the image's content (its float32
-pixels and shape, so the dataset, its preprocessing and the image id are all covered), the
-``resolution``, ``timestep``, ``prompt``, ``noise`` and ``seed``. With ``noise=true`` every image of
+weight file, so weights replaced in place are another key), the device type and compute dtype, the
+storage dtype, the image's content (its float32 pixels and shape, so the dataset, its preprocessing
+and the image id are all covered), and the pass settings (``diffseg.passes.PassSettings.key``:
+``resolution``, ``timestep``, ``prompt``, ``noise``, ``seed`` with noise, ``numerics``). With ``noise=true`` every image of
 a batch gets the same seeded noise map (``DiffSegPipeline.capture_attention``), so an entry does not
 depend on the batching either.
 
@@ -50,6 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
 from diffseg.features import feature_shape
+from diffseg.passes import PassSettings
 from diffseg.segmenter import PassSource, UNetPass
 from eval.atomic import atomic_open
 
@@ -192,15 +194,8 @@ class CachedAttentionPipeline(PassSource):
         super().__init__(pipeline)
         self.cache = cache
 
-    def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
-        self,
-        images: torch.Tensor,
-        timestep: int = 300,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-        features: bool = True,
+    def unet_pass(
+        self, images: torch.Tensor, settings: PassSettings, features: bool = True
     ) -> UNetPass:
         """The pipeline's ``unet_pass`` read from the cache where stored (float32 on the
         pipeline's device); the UNet runs only for the images that are not (or, when
@@ -210,18 +205,14 @@ class CachedAttentionPipeline(PassSource):
                 "the attention cache takes images as a float tensor (B, 3, H, W), got "
                 f"{type(images).__name__}"
             )
-        self.pipeline.check_resolution(resolution)
-        settings = {"timestep": int(timestep), "resolution": resolution, "prompt": prompt}
-        settings.update(noise=bool(noise), seed=int(seed) if noise else None)
-        keys = [self.cache.key(image_hash(image), settings) for image in images]
+        self.pipeline.check_resolution(settings.resolution)
+        keys = [self.cache.key(image_hash(image), settings.key()) for image in images]
         stored = [self.cache.load(k) for k in keys]
         missing = [
             i for i, s in enumerate(stored) if s is None or (features and s.features is None)
         ]
         if missing:
-            computed = self.pipeline.unet_pass(
-                images[missing], timestep, resolution, prompt, noise, seed, features=True
-            )
+            computed = self.pipeline.unet_pass(images[missing], settings, features=True)
             # On the CPU, as what `load` reads: one copy for the batch, and one device to stack.
             attention = {r: a.to("cpu", self.cache.dtype) for r, a in computed.attention.items()}
             feats = computed.features.to("cpu", self.cache.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from diffseg.diffcut import diffcut_segment
 from diffseg.features import capture_features
+from diffseg.passes import PassSettings
 from diffseg.pipeline import DiffSegPipeline
 from eval import paper
 from eval.segmenters import segment_all, segment_batch, segmenter_call, settings
@@ -30,30 +32,31 @@ def images() -> torch.Tensor:
 
 
 CONFIG = Path(__file__).parents[1] / "conf" / "segmenter" / "diffcut.yaml"
-PASS = {"timestep": 50, "resolution": 64, "prompt": "", "noise": True, "seed": 42}
+PASS = PassSettings(timestep=50, resolution=64, noise=True, seed=42)
+CUT = replace(PASS, numerics="diffcut")  # the segmenter's pass: DiffCut's numerics
 
 
 def test_unet_pass_captures_features_without_changing_the_attention(pipe, images) -> None:
-    out = pipe.unet_pass(images, **PASS)
-    plain = pipe.attention(images, **PASS)
+    out = pipe.unet_pass(images, PASS)
+    plain = pipe.attention(images, PASS)
     assert list(out.attention) == list(plain)
     assert all(torch.equal(out.attention[r], plain[r]) for r in plain)
     # The features of the last encoder self-attention layer, by the capture used on its own.
     latents = pipe.encode_images(pipe.preprocess(images, 64))
     with capture_features(pipe.unet) as store:
-        pipe.capture_attention(latents, 50, "", True, 42)
+        pipe.capture_attention(latents, PASS)
     assert out.features.shape == store.features.shape and out.features.shape[0] == 2
     assert torch.equal(out.features, store.features)
-    assert pipe.unet_pass(images, **PASS, features=False).features is None
+    assert pipe.unet_pass(images, PASS, features=False).features is None
 
 
 def test_diffcut_segmenter_labels_are_diffcut_on_the_pass_features(pipe, images) -> None:
     config = {**OmegaConf.to_container(OmegaConf.load(CONFIG)), "tau": 0.9, "alpha": 5.0}
     call = segmenter_call(config, 64, seed=0)
     # DiffCut's pass (its code's seed 42, not the run's): conf/segmenter/diffcut.yaml.
-    assert {k: call[k] for k in PASS} == PASS
+    assert PassSettings.of(call) == PASS
     labels = segment_batch(pipe, images, [{"id": "a"}, {"id": "b"}], call)
-    features = pipe.unet_pass(images, **PASS).features
+    features = pipe.unet_pass(images, CUT).features
     assert labels.shape == (2, 64, 64) and labels.device.type == "cpu"
     assert torch.equal(labels, diffcut_segment(features, 64, alpha=5.0, tau=0.9))
     # tau decides the number of segments: a tiny tau never splits.
@@ -88,8 +91,8 @@ def _calls(**diffcut) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("diffcut", "passes"),
-    [({}, 2), ({"timestep": 300, "noise": False}, 1)],
-    ids=["diffcut-own-pass", "one-pass"],
+    [({}, 2), ({"timestep": 300, "noise": False}, 2)],
+    ids=["diffcut-own-pass", "diffcut-own-numerics"],
 )
 def test_one_pass_feeds_several_segmenters_their_labels_alone(pipe, images, diffcut, passes):
     calls = _calls(**diffcut)
@@ -98,7 +101,8 @@ def test_one_pass_feeds_several_segmenters_their_labels_alone(pipe, images, diff
     hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(1))
     try:
         shared = segment_all(pipe, images, items, calls)
-        assert len(seen) == passes  # DiffSeg and K-means share theirs; DiffCut's when it is equal
+        # DiffSeg and K-means share theirs; DiffCut's is its own even on their setting (numerics).
+        assert len(seen) == passes
         alone = [segment_batch(pipe, images, items, call) for call in calls]
     finally:
         hook.remove()
@@ -163,7 +167,7 @@ def test_each_segmenter_is_logged_in_the_run_logger_under_its_key(tmp_path: Path
 def test_diffcut_labels_do_not_depend_on_the_features_memory_layout(pipe, images) -> None:
     # The pass gives (B, C, h, w) as a view of the layer's (B, N, C) output; a cache or another
     # pipeline gives it contiguous. Same values, same labels.
-    features = pipe.unet_pass(images, **PASS).features
+    features = pipe.unet_pass(images, CUT).features
     assert not features.is_contiguous()
     view = diffcut_segment(features, 64)
     assert torch.equal(diffcut_segment(features.contiguous(), 64), view)
@@ -176,9 +180,7 @@ def test_diffcut_reads_its_features_from_the_attention_cache(pipe, images, tmp_p
     items = [{"id": "a"}, {"id": "b"}]
     (call,) = _calls()[2:]
     expected = segment_batch(pipe, images, items, call)
-    pass_ = {k: call[k] for k in ("timestep", "resolution", "prompt", "noise", "seed")}
-    full = pipe.unet_pass(images[:1], **pass_, features=False).attention
-    alone = segment_batch(pipe, images[:1], items[:1], call)  # a batch of one: its own rounding
+    full = pipe.unet_pass(images[:1], PASS)  # a batch of one: its own rounding
     seen = []
     hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(1))
     try:
@@ -187,26 +189,16 @@ def test_diffcut_reads_its_features_from_the_attention_cache(pipe, images, tmp_p
         again = CachedAttentionPipeline(pipe, AttentionCache(tmp_path, {"m": 0}, "float32"))
         assert torch.equal(segment_batch(again, images, items, call), expected)
         assert len(seen) == 1 and again.cache.hits == 2
-        # An entry stored without features (an older cache) serves attention, not DiffCut.
+        # DiffCut's pass captures no attention: its entries hold the features alone.
+        stored = again.cache.load(again.cache.key(image_hash(images[0]), CUT.key()))
+        assert stored.attention == {} and stored.features is not None
+        # An entry stored without features (an older cache) serves attention, not features.
         old = CachedAttentionPipeline(pipe, AttentionCache(tmp_path / "old", {"m": 0}, "float32"))
-        key = old.cache.key(image_hash(images[0]), pass_)
-        old.cache.save(key, UNetPass({r: a[0] for r, a in full.items()}))
-        old.attention(images[:1], **pass_)
+        key = old.cache.key(image_hash(images[0]), PASS.key())
+        old.cache.save(key, UNetPass({r: a[0] for r, a in full.attention.items()}))
+        old.attention(images[:1], PASS)
         assert len(seen) == 1
-        assert torch.equal(segment_batch(old, images[:1], items[:1], call), alone)
+        assert torch.equal(old.unet_pass(images[:1], PASS).features, full.features)
         assert len(seen) == 2 and old.cache.load(key).features is not None
     finally:
         hook.remove()
-
-
-def test_a_diffcut_run_behind_the_cache_runs_the_unet_once(tmp_path: Path) -> None:
-    args = (*RUN, "segmenter=diffcut", "cache.attention=true", "cache.dtype=float32")
-    first = run_module("eval", tmp_path, *args, "hydra.run.dir=a")
-    assert first.returncode == 0, first.stderr
-    second = run_module("eval", tmp_path, *args, "segmenter.tau=0.7", "hydra.run.dir=b")
-    assert second.returncode == 0, second.stderr
-    assert "2 image(s) read, 0 computed" in second.stdout
-    alone = run_module("eval", tmp_path, *RUN, "segmenter=diffcut", "segmenter.tau=0.7",
-                       "hydra.run.dir=c")  # fmt: skip
-    assert alone.returncode == 0, alone.stderr
-    assert _records(tmp_path / "b") == _records(tmp_path / "c")

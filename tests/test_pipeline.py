@@ -12,6 +12,7 @@ from PIL import Image
 
 from diffseg.loading import UNUSED_PARTS, ModelLoadError, ModelNotFoundError
 from diffseg.merge import merge_attention
+from diffseg.passes import PassSettings
 from diffseg.pipeline import DiffSegOutput, DiffSegPipeline
 from diffseg.preprocess import center_crop, resize_image
 
@@ -82,9 +83,9 @@ def test_deterministic_under_seed(images):
 def test_noise_is_seeded_and_changes_attention(pipe, images):
     latents = pipe.encode_images(pipe.preprocess(images, RES))
     clean = pipe.capture_attention(latents)
-    noisy = pipe.capture_attention(latents, noise=True, seed=5)
-    again = pipe.capture_attention(latents, noise=True, seed=5)
-    other = pipe.capture_attention(latents, noise=True, seed=6)
+    noisy = pipe.capture_attention(latents, PassSettings(noise=True, seed=5))
+    again = pipe.capture_attention(latents, PassSettings(noise=True, seed=5))
+    other = pipe.capture_attention(latents, PassSettings(noise=True, seed=6))
     assert torch.equal(noisy[16], again[16])
     assert not torch.allclose(noisy[16], clean[16])
     assert not torch.allclose(noisy[16], other[16])

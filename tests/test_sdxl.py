@@ -23,11 +23,13 @@ import tests.fixtures as fx
 from diffseg.features import feature_layer
 from diffseg.loading import ModelNotFoundError
 from diffseg.models import sd14_scheduler_config
+from diffseg.passes import PassSettings
 from diffseg.pipeline import DiffSegPipeline
 from eval import paper
 from tests.helpers import run_module
 
 RES = 128  # latent 16: self-attention at 8x8 and 4x4, DiffCut's features at 4x4
+XL_PASS = PassSettings(timestep=50, resolution=RES, noise=True, seed=42)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def images() -> torch.Tensor:
 
 def test_sdxl_layout_attends_at_half_and_quarter_latent_and_feeds_diffcut(pipe, images):
     assert pipe.is_xl and not DiffSegPipeline.from_tiny(seed=0).is_xl
-    out = pipe.unet_pass(images, timestep=50, resolution=RES, noise=True, seed=42)
+    out = pipe.unet_pass(images, XL_PASS)
     assert {r: tuple(a.shape) for r, a in out.attention.items()} == {
         8: (2, 64, 64),
         4: (2, 16, 16),
@@ -67,7 +69,7 @@ def test_the_unet_gets_diffusers_sdxl_conditioning_of_the_input_size(pipe, image
 
     hook = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        pipe.unet_pass(images, timestep=50, resolution=RES, features=False)
+        pipe.unet_pass(images, PassSettings(timestep=50, resolution=RES), features=False)
     finally:
         hook.remove()
     # What diffusers' own SDXL pipeline (DiffCut's get_text_embeds) gives an uncropped R x R image.
@@ -87,14 +89,14 @@ def test_the_unet_gets_diffusers_sdxl_conditioning_of_the_input_size(pipe, image
 
 
 def test_folder_round_trip_full_and_empty_prompt_only(pipe, images, tmp_path):
-    expected = pipe.unet_pass(images, timestep=50, resolution=RES, noise=True, seed=42)
+    expected = pipe.unet_pass(images, XL_PASS)
     full, slim = tmp_path / "full", tmp_path / "slim"
     pipe.save_pretrained(full)
     pipe.save_pretrained(slim, prompt_embeds_only=True)
     for path in (full, slim):
         loaded = DiffSegPipeline.from_pretrained(path, device="cpu")
         assert loaded.is_xl
-        got = loaded.unet_pass(images, timestep=50, resolution=RES, noise=True, seed=42)
+        got = loaded.unet_pass(images, XL_PASS)
         for r in expected.attention:
             assert torch.equal(got.attention[r], expected.attention[r])
         assert torch.equal(got.features, expected.features)
@@ -124,8 +126,8 @@ def test_a_folder_in_ssd1b_hub_layout_loads(pipe, images, tmp_path):
     config.write_text(json.dumps({**dict(euler.config), "_class_name": "EulerDiscreteScheduler"}))
     loaded = DiffSegPipeline.from_pretrained(tmp_path, device="cpu")
     assert isinstance(loaded.scheduler, DDPMScheduler) and loaded.is_xl
-    expected = pipe.unet_pass(images, timestep=50, resolution=RES, noise=True, seed=42)
-    got = loaded.unet_pass(images, timestep=50, resolution=RES, noise=True, seed=42)
+    expected = pipe.unet_pass(images, XL_PASS)
+    got = loaded.unet_pass(images, XL_PASS)
     assert torch.equal(got.features, expected.features)
 
 
@@ -162,11 +164,11 @@ def test_an_image_gets_the_same_noise_in_any_batch(images):
     # the same alone, first or second in a batch.
     pipe = DiffSegPipeline.from_tiny(seed=0)
     small = torch.nn.functional.interpolate(images, size=64)
-    alone = pipe.attention(small[1:], resolution=64, noise=True, seed=7)
-    second = pipe.attention(small, resolution=64, noise=True, seed=7)
+    alone = pipe.attention(small[1:], PassSettings(resolution=64, noise=True, seed=7))
+    second = pipe.attention(small, PassSettings(resolution=64, noise=True, seed=7))
     for r in alone:
         torch.testing.assert_close(second[r][1:], alone[r], rtol=0, atol=1e-6)
-    other = pipe.attention(small[1:], resolution=64, noise=True, seed=8)
+    other = pipe.attention(small[1:], PassSettings(resolution=64, noise=True, seed=8))
     assert not torch.allclose(other[8], alone[8])
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from diffseg.diffcut import diffcut_segment
+from diffseg.passes import DIFFCUT, PassSettings
 from eval.segmenters.registry import SegmenterSettings, register
 
 
@@ -43,14 +44,8 @@ def diffcut(
     call: Mapping[str, Any],
 ) -> torch.Tensor:
     """DiffCut's labels ``(B, R, R)`` (on the CPU) for ``images (B, 3, H, W)``."""
-    features = pipeline.unet_pass(
-        images,
-        call["timestep"],
-        call["resolution"],
-        call["prompt"],
-        call["noise"],
-        call["seed"],
-        features=True,
-    ).features
+    # DiffCut's numerics: its mixed precision and diffusers' attention, no DiffSeg capture.
+    settings = PassSettings.of(call, numerics=DIFFCUT.name)
+    features = pipeline.unet_pass(images, settings, features=True).features
     with torch.inference_mode():
         return diffcut_segment(features, call["resolution"], call["alpha"], call["tau"]).cpu()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import MISSING, OmegaConf
 
+from diffseg.passes import PassSettings
 from diffseg.segmenter import PassSource, UNetPass
 from eval.schema import given, validate
 
@@ -179,8 +180,8 @@ class SharedPass(PassSource):
     reused, for several segmenters on one batch; every other attribute is the pipeline's.
 
     ``features``: capture DiffCut's features in every pass (when any of the segmenters reads
-    them; off otherwise, so DiffSeg's pass stays hook-free, e.g. for a compiled UNet). The seed
-    is part of the setting only with noise (without, the pass does not use it). Segmenting the
+    them; off otherwise, so DiffSeg's pass stays hook-free, e.g. for a compiled UNet). The
+    setting is one ``diffseg.passes.PassSettings`` (the seed in it only with noise). Segmenting the
     reused pass gives the labels of a pass of one's own: a pass depends on nothing but its
     setting and the images. Keep one per batch: the memo holds its passes.
     """
@@ -191,26 +192,15 @@ class SharedPass(PassSource):
         self.passes: dict[tuple, UNetPass] = {}
         self.images: list[Any] = []  # held, so that their ids in the keys stay theirs
 
-    def unet_pass(  # noqa: PLR0913 (diffusers' keyword-call style: conf/segmenter keys)
-        self,
-        images: Any,
-        timestep: int = 300,
-        resolution: int = 512,
-        prompt: str = "",
-        noise: bool = False,
-        seed: int = 0,
-        features: bool = True,
-    ) -> UNetPass:
+    def unet_pass(self, images: Any, settings: PassSettings, features: bool = True) -> UNetPass:
         """The pipeline's ``unet_pass``, computed on the first request for these images and
         setting; a request for features the memo's passes lack is an error (set ``features``)."""
         if features and not self.features:
             raise ValueError("SharedPass(features=False) was asked for the UNet features")
-        key = (id(images), int(timestep), resolution, prompt, bool(noise), seed if noise else None)
+        key = (id(images), settings)
         if key not in self.passes:
             self.images.append(images)
-            self.passes[key] = self.pipeline.unet_pass(
-                images, timestep, resolution, prompt, noise, seed, features=self.features
-            )
+            self.passes[key] = self.pipeline.unet_pass(images, settings, self.features)
         return self.passes[key]
 
 
@@ -221,8 +211,8 @@ def segment_all(
     calls: Sequence[Mapping[str, Any]],
 ) -> list[torch.Tensor]:
     """Labels ``(B, R, R)`` of each call (:func:`segment_batch`), from one UNet pass per pass
-    setting (timestep, resolution, prompt, noise, seed with noise) shared by the calls that have
-    it (:class:`SharedPass`)."""
+    setting (``diffseg.passes.PassSettings``) shared by the calls that have it
+    (:class:`SharedPass`)."""
     if len(calls) == 1:
         return [segment_batch(pipeline, images, items, calls[0])]
     features = any(get(call.get("name", "diffseg")).features for call in calls)
