@@ -513,3 +513,43 @@ def test_diffcut_sd14_line_is_tau_0_2_and_a_tau_0_5_run_is_kept_out(tmp_path):
         "targets diffcut/DiffCut (SD 1.4)/coco_stuff27/ours but is not comparable: "
         "segmenter.tau=0.5"
     )
+
+
+def _verify(ledger, capsys) -> tuple[object, str]:
+    """``python -m eval.tables --verify``: its exit (None: 0, else the message) and output."""
+    try:
+        main(["--verify", "--ledger", str(ledger)])
+    except SystemExit as e:
+        return e.code, capsys.readouterr().out
+    return None, capsys.readouterr().out
+
+
+def test_verify_tells_a_reproduction_from_a_near_miss(tmp_path, capsys):
+    # Published: COCO-Stuff-27 72.5 / 43.6 (tolerance 0.5), Cityscapes 76.0 / 21.2 (1.0).
+    close = [
+        run("coco", "2025-01-01", 0.727, 0.438, COCO),  # +0.2, +0.2
+        run("city", "2025-01-01", 0.768, 0.204, CITY),  # +0.8, -0.8: within Cityscapes' 1.0
+        # The corrected labels' column has no published number to meet: never verified.
+        run("voc-fixed", "2025-01-01", 0.8, 0.9, (*DIFFCUT, "protocol.compat=false")),
+    ]
+    code, out = _verify(write_ledger(tmp_path / "close.csv", close), capsys)
+    assert code is None and "verify: 4 filled cell(s), each within" in out
+    # A near miss: COCO's mIoU 0.6 below, Cityscapes' accuracy 1.2 above.
+    miss = [
+        run("coco", "2025-01-01", 0.727, 0.430, COCO),
+        run("city", "2025-01-01", 0.772, 0.204, CITY),
+        # A deviating run far off fills no cell: not verified.
+        run("coco-500", "2025-02-01", 0.1, 0.1, (*COCO, "limit=500"), n=500),
+    ]
+    code, _ = _verify(write_ledger(tmp_path / "miss.csv", miss), capsys)
+    assert code.splitlines() == [
+        "verify: 2 of 4 filled cell(s) outside the tolerance (eval.paper.VERIFY_TOLERANCE, "
+        "percentage points):",
+        "  table1/DiffSeg/coco_stuff27/ours mIoU: expected 43.6, got 43.00 (-0.6), "
+        "tolerance 0.5 (run coco)",
+        "  table1/DiffSeg/cityscapes/ours Acc: expected 76.0, got 77.20 (+1.2), "
+        "tolerance 1.0 (run city)",
+    ]
+    # Nothing filled: nothing reproduced, not a pass.
+    code, _ = _verify(write_ledger(tmp_path / "none.csv", miss[2:]), capsys)
+    assert code.startswith("verify: no published cell is filled")
