@@ -217,7 +217,8 @@ DIFFCUT = Table(
             {**_DIFFCUT_PROTOCOL, "compat": False, "background": "background"},
         ),
     ),
-    # DiffCut's loader decodes with Pillow (our reading of dataloader/iterator.py).
+    # DiffCut's loader decodes with torchvision's read_image; Pillow gives the same pixels (tested
+    # against torchvision's own: tests/data/jpeg_decoded.npz).
     dataset={"antialias": False, "keep_size": True, "jpeg_decoder": "pil", "source": None},
 )
 
