@@ -330,9 +330,8 @@ def _noise_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
         return []
     device = str(row.get("device") or "")
     if device.lower() in _NOT_CUDA:
-        return [
-            f"noise drawn on {device or 'an unrecorded device'} (published: {PUBLISHED_NOISE_DEVICE})"
-        ]
+        where = device or "an unrecorded device"
+        return [f"noise drawn on {where} (published: {PUBLISHED_NOISE_DEVICE})"]
     return []
 
 

@@ -87,7 +87,9 @@ def decode(decoder: str) -> None:
                 pixels = read_image(str(path), ImageReadMode.RGB).permute(1, 2, 0).numpy()
             version = f"torchvision {torchvision.__version__}"
         arrays[f"{name}.{decoder}"] = np.ascontiguousarray(pixels, dtype=np.uint8)
-    versions = [v for v in str(arrays["versions"]).split("; ") if v and not v.startswith(version.split()[0])]
+    versions = [
+        v for v in str(arrays["versions"]).split("; ") if v and not v.startswith(version.split()[0])
+    ]
     arrays["versions"] = np.array("; ".join([*versions, version]))
     save(arrays)
 
