@@ -32,6 +32,13 @@ Kept from DiffCut's code although they read as side effects, because they change
   similar pair, and any power that underflows. Such a node is never on the ``y > t`` side and
   goes with the other side at every later split. Here: ``(W == 0).any(dim=1)`` on the input.
 - The sign rule for ``y`` and the 100 thresholds, which decide the side called ``y > t``.
+  (A subgraph of two nodes of equal degree has ``|y|`` equal on both: which node is the
+  ``y > t`` side is then decided by rounding, in DiffCut's code as here.)
+- :func:`assemble_clusters`: segment ids numbered by DiffCut's float32 codes (the accepted
+  splits in the order of its recursion, pre-order with the ``y > t`` side explored first).
+  The ids decide which absent class takes a leftover cluster's pixels on ties of the
+  Hungarian matching, so they are part of the scores; past 2**24 the float32 codes round and
+  merge segments (more than ~24 splits along the way), as in its code.
 
 Differences from DiffCut's code (rounding, label names or degenerate inputs only, except that
 float64 changes which affinities underflow to 0):
@@ -45,19 +52,17 @@ float64 changes which affinities underflow to 0):
 - The Ncut value of a split is computed as ``cut / vol(S) + cut / vol(V \\ S)``; DiffCut's
   ``get_bipartition`` evaluates the same value as the Rayleigh quotient ``z^T (D - W) z /
   z^T D z`` with ``z = (1 + x) - b (1 - x)``, ``b = vol(S) / vol(V \\ S)``.
-- Segment ids are the leaves of the recursion in depth-first order, the ``y > t`` side first.
-  DiffCut's ``assemble_clusters`` numbers them by sorted sums of float32 codes, which can
-  merge two segments once the codes pass 2**24 (more than ~24 nested splits); same partition
-  otherwise. The recursion is a loop, not Python recursion (no depth limit).
 - The concept scores are computed at the features' resolution and the ``(K, h, w)`` score maps
   are upsampled, instead of upsampling the ``(C, h, w)`` features and scoring every pixel:
   bilinear interpolation is linear, so the scores are the same up to rounding, with K instead
   of C values per output pixel in memory (C = 1280 for SD 1.x and SDXL).
+- The recursion is a loop, not Python recursion (no depth limit).
 - DiffCut's ``second_smallest_eigenvector`` catches a failed ``eigh`` and then fails on
   ``None``; here the ``torch.linalg`` error propagates.
 
 DiffCut's defaults (``eval_diffcut.py``, ``diffcut.ipynb``): ``tau=0.5``, ``alpha=10``, features of
-a 1024x1024 input (32x32 nodes) at timestep 50, labels produced directly at 128x128 for scoring.
+a 1024x1024 input (32x32 nodes) at timestep 50, labels produced directly at 128x128 for scoring
+(``out_size``; ``eval.segmenters.diffcut`` passes the protocol's scoring side).
 Not here: the feature extraction (:mod:`diffseg.features`), PAMR (:mod:`diffseg.pamr`, applied by
 ``eval.protocol``) and ``diffcut/autosc.py`` (``DiffCut_AutoSC``, used by no script of the
 repository): its eigengap search keeps the number of clusters of the best ``alpha`` but slices the
@@ -160,17 +165,16 @@ def recursive_ncut(w: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
 
     A (sub)graph is split by :func:`ncut_bipartition` while the split's Ncut value is below
     ``tau``; each side is then split on its own nodes. Ids are ``0..K-1`` (long, on ``w``'s
-    device) in depth-first order of the leaves, the ``y > t`` side first. Below the first level,
+    device), numbered as DiffCut's ``assemble_clusters`` numbers them. Below the first level,
     nodes whose row of ``w`` holds an exact zero are left out of the subgraphs, as in DiffCut's
-    ``get_affinity_matrix`` (module docstring).
+    ``get_affinity_matrix`` (both: module docstring).
     """
     tau = _check_positive("tau", tau)
     _check_affinity(w)
     w = w.to(torch.float64)
     n = w.shape[0]
     has_zero = (w == 0).any(dim=1)
-    labels = torch.empty(n, dtype=torch.long, device=w.device)
-    num_segments = 0
+    splits = []  # the y > t side of each split made, in the order of DiffCut's recursion
     stack = [(torch.ones(n, dtype=torch.bool, device=w.device), 0)]  # (nodes, level)
     while stack:
         nodes, level = stack.pop()
@@ -180,12 +184,25 @@ def recursive_ncut(w: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
             if value < tau:
                 inside = torch.zeros_like(nodes)
                 inside[index[side]] = True
+                splits.append(inside)
+                # Popped first: DiffCut recurses into the y > t side first.
                 stack.append((nodes & ~inside, level + 1))
                 stack.append((inside, level + 1))
-                continue
-        labels[nodes] = num_segments
-        num_segments += 1
-    return labels
+    return assemble_clusters(splits, n, w.device)
+
+
+def assemble_clusters(splits: Sequence[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """Segment ids ``(n,)`` long in ``0..K-1`` from the ``y > t`` sides ``splits`` (boolean
+    ``(n,)`` each, in the order of the recursion), as DiffCut's ``assemble_clusters``: each side
+    adds to its nodes' float32 code a weight one above the largest code so far, and a node's id
+    is the rank of its code. The float32 sums are DiffCut's: once codes pass 2**24 they round,
+    and segments whose codes round together merge as in its code."""
+    codes = torch.zeros(n, dtype=torch.float32, device=device)
+    top = torch.ones((), dtype=torch.float32, device=device)
+    for inside in splits:
+        codes += top * inside
+        top = codes.max() + 1
+    return torch.unique(codes, return_inverse=True)[1]
 
 
 def _check_features(features: torch.Tensor, ndim: int, shape: str) -> None:

@@ -321,7 +321,12 @@ class Loop:
             return []
         index = [i for i, _, _ in todo]
         items = [it for _, it, _ in todo]
-        preds = [to_label_size(p, it["label"]) for _, it, p in todo]
+        preds = [
+            p
+            if self.score is not None and self.score.at_score_size(p)
+            else to_label_size(p, it["label"])
+            for _, it, p in todo
+        ]
         if self.score is not None:
             items, preds = self.score.batch(items, preds)
         order = self.score.order if self.score is not None else None

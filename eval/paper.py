@@ -5,7 +5,9 @@ cell's; where a table has several lines of one segmenter (DiffCut with SSD-1B, w
 SD 1.4), the line whose model and protocol the run uses (:func:`target`). It *fills* the cell only
 when nothing else differs from the published setting: model and its dtype, input resolution,
 split and every one of its images, the segmenter's parameters, the protocol's parameters, the
-dataset's preprocessing. :func:`deviations` lists what differs, in words a reader can check
+dataset's preprocessing and source; the weights must be the published hub snapshot's (its default
+revision, a recorded ``hub:`` fingerprint), and a noised UNet pass must draw its noise on the
+published device kind. :func:`deviations` lists what differs, in words a reader can check
 (``model=tiny; images 2 of 2175; dtype=float16``); an empty list is a comparable run.
 ``eval.run`` writes that list to the ledger and ``eval.tables`` recomputes it, so a cell never
 shows a number that was not produced under its setting.
@@ -99,12 +101,15 @@ class Cell:
 
 
 # DiffSeg's official notebook: one UNet pass at timestep 300, empty prompt, no noise, 16x16 anchors,
-# no K-means refinement, aggregation weights proportional to resolution.
+# no K-means refinement, aggregation weights proportional to resolution, and the official code's
+# float16 arithmetic in the first merge iteration (float64 changes what is merged: README
+# "Method"); DiffCut's re-evaluation ran DiffSeg's code, so the same holds for its cells.
 _DIFFSEG = {
     "name": "diffseg",
     "timestep": 300,
     "num_points": 16,
     "refine": False,
+    "first_merge_dtype": "float16",
     "weights": None,
     "prompt": "",
     "noise": False,
@@ -112,7 +117,8 @@ _DIFFSEG = {
 _KMEANS = {"timestep": 300, "weights": None, "prompt": "", "noise": False}
 # The official preprocessing: square centre crop, bilinear resize without antialiasing, JPEGs
 # decoded as TF's decode_jpeg (fast integer DCT); the float32 cache is bit-identical to the files.
-_OFFICIAL_DATA = {"antialias": False, "keep_size": False, "jpeg_decoder": "tf"}
+# source: the original files (a Parquet or hub copy may hold re-encoded images or remapped labels).
+_OFFICIAL_DATA = {"antialias": False, "keep_size": False, "jpeg_decoder": "tf", "source": None}
 
 TABLE1 = Table(
     name="table1",
@@ -195,7 +201,9 @@ DIFFCUT = Table(
         Method("DiffSeg", {**_DIFFSEG, "kl_threshold": [1.0, 1.0, 1.0]}),
         Method("DiffCut (SSD-1B)", _DIFFCUT, **_SSD1B),
         Method("DiffCut (SSD-1B, no PAMR)", _DIFFCUT, **_SSD1B, protocol={"pamr": False}),
-        Method("DiffCut (SD 1.4)", _DIFFCUT, model="sd14", dtype="float16"),
+        # tau 0.2, not the default 0.5: DiffCut's author in PaulCouairon/DiffCut issue #5 (the
+        # paper's Table 7 omits it); conf/experiment/diffcut_sd14.yaml.
+        Method("DiffCut (SD 1.4)", {**_DIFFCUT, "tau": 0.2}, model="sd14", dtype="float16"),
     ),
     variants=(
         Variant(
@@ -209,11 +217,27 @@ DIFFCUT = Table(
             {**_DIFFCUT_PROTOCOL, "compat": False, "background": "background"},
         ),
     ),
-    # DiffCut's loader decodes with Pillow (our reading of dataloader/iterator.py).
-    dataset={"antialias": False, "keep_size": True, "jpeg_decoder": "pil"},
+    # DiffCut's loader decodes with torchvision's read_image; Pillow gives the same pixels (tested
+    # against torchvision's own: tests/data/jpeg_decoded.npz).
+    dataset={"antialias": False, "keep_size": True, "jpeg_decoder": "pil", "source": None},
 )
 
 TABLES = {t.name: t for t in (TABLE1, DIFFCUT)}
+
+# ``python -m eval.tables --verify``: how far (percentage points) a filled cell may lie from its
+# published number, per dataset. No two published runs of one of these settings exist to measure
+# a spread from, so these are stated choices: half a point (five times the rounding of a published
+# decimal) covers the arithmetic that no port reproduces bit for bit (TF's or CUDA's summation
+# order flipping a few merge or cut decisions near their thresholds); a point on Cityscapes, whose
+# 500 images and rare classes move its mIoU most per flipped decision.
+VERIFY_TOLERANCE = {
+    "coco_stuff27": 0.5,
+    "cityscapes": 1.0,
+    "voc": 0.5,
+    "pascal_context59": 0.5,
+    "coco_object": 0.5,
+    "ade20k": 0.5,
+}
 
 
 def _identity(row: Mapping[str, Any]) -> tuple[str, bool, str, str]:
@@ -273,14 +297,52 @@ def scoring_rule(cell: Cell) -> str:
     return "background_merge" if merges else "hungarian"
 
 
+# The revisions that name the published weights: the hub's default branch.
+PUBLISHED_REVISIONS = ("", "main")
+# Noised UNet passes: the device kind of the published runs' generator (DiffCut's code draws its
+# noise from a CUDA generator, tools/ldm.py); a device the ledger names by its type alone is none.
+PUBLISHED_NOISE_DEVICE = "cuda"
+_NOT_CUDA = ("", "cpu", "mps", "xpu")
+
+
+def _weights_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
+    """The weights behind the run: the published revision, and a fingerprint that says they are
+    the hub's snapshot (``eval.record.weights_fingerprint``: ``hub:<commit>``). A local folder
+    (``dir:``) or no fingerprint cannot be told from other weights: never in a cell."""
+    if row.get("model") != cell.model:
+        return []  # another model: already listed
+    out = []
+    revision = str(row.get("model_revision") or "")
+    if revision not in PUBLISHED_REVISIONS:
+        out.append(f"model_revision={revision}")
+    fingerprint = str(row.get("model_hash") or "")
+    if not fingerprint.startswith("hub:"):
+        what = f"model_hash={fingerprint}" if fingerprint else "no weights fingerprint recorded"
+        out.append(f"weights unverified ({what}; published: the {cell.model_id} hub snapshot)")
+    return out
+
+
+def _noise_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
+    """A noised pass of the published setting drawn on another device kind: other noise."""
+    published = cell.method.segmenter or {}
+    segmenter = row.get("segmenter_settings") or {}
+    if not (published.get("noise") and segmenter.get("noise")):
+        return []
+    device = str(row.get("device") or "")
+    if device.lower() in _NOT_CUDA:
+        where = device or "an unrecorded device"
+        return [f"noise drawn on {where} (published: {PUBLISHED_NOISE_DEVICE})"]
+    return []
+
+
 def _model_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
     """The model, its dtype, the attention cache's storage and the model's input side."""
     out = []
     if row.get("model") != cell.model:
         out.append(f"model={row.get('model')}")
     model_id = str(row.get("model_id") or "")
-    # A local path is the user's copy of the weights (its fingerprint is recorded); a hub id
-    # other than the published one is other weights.
+    # A local path is the user's copy of the weights (its fingerprint: _weights_deviations); a
+    # hub id other than the published one is other weights.
     if "/" in model_id and not model_id.startswith(("/", ".")) and model_id != cell.model_id:
         out.append(f"model_id={model_id}")
     if row.get("dtype") != cell.dtype:
@@ -348,7 +410,14 @@ def cell_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
 
     A model input side set by the protocol (``protocol.resolution``, ``protocol.model_resolution``)
     is listed once, as the protocol's setting."""
-    checks = (_model_deviations, _data_deviations, _protocol_deviations, _segmenter_deviations)
+    checks = (
+        _model_deviations,
+        _weights_deviations,
+        _data_deviations,
+        _protocol_deviations,
+        _segmenter_deviations,
+        _noise_deviations,
+    )
     problems = [problem for check in checks for problem in check(row, cell)]
     if any(p.startswith(("protocol.resolution=", "protocol.model_resolution=")) for p in problems):
         problems = [p for p in problems if not p.startswith("resolution=")]

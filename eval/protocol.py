@@ -15,10 +15,12 @@
      ``floor((i + 0.5) * c / R)``).
   3. Score at ``score_resolution`` (128): the label is downsampled with ``F.interpolate``'s
      default ``nearest`` (source pixel ``floor(i * R / S)``, the top-left pixel of each 8x8 block
-     at 1024 -> 128). DiffCut predicts its masks directly at 128; our segmenters predict at the
-     input resolution, so their labels are downsampled with the *same* rule as the ground truth
-     (the two then sample the same pixels). The image is downsampled bilinearly (half-pixel
-     centres, no antialiasing) for PAMR and the pictures.
+     at 1024 -> 128). DiffCut predicts its masks directly at 128 (its features upsampled
+     bilinearly to 128), and so does ``segmenter=diffcut`` here
+     (``SegmenterSpec.score_size``); the other segmenters predict at the input resolution, so
+     their labels are downsampled with the *same* rule as the ground truth (the two then sample
+     the same pixels). The image is downsampled bilinearly (half-pixel centres, no
+     antialiasing) for PAMR and the pictures.
   4. On datasets with a background class (:func:`merge_unmatched_into_background`): clusters left
      unmatched to a foreground class become one background cluster, then the usual matching.
   5. Optionally PAMR (:func:`refine_labels`), then the per-image Hungarian matching and the
@@ -307,9 +309,16 @@ class Scoring:
         p = self.protocol
         return p.score_resolution is None and self.background is None and not p.pamr
 
+    def at_score_size(self, pred: torch.Tensor) -> bool:
+        """Whether ``pred (H, W)`` was made at the scoring side (DiffCut's labels), so that it is
+        scored as it is, not resampled."""
+        s = self.protocol.score_resolution
+        return s is not None and tuple(pred.shape) == (s, s)
+
     def __call__(self, item: Mapping[str, Any], pred: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """``item`` (image, label at the prediction's size) and ``pred (H, W)`` -> the item at the
-        scoring size and the prediction to score: downsampled, background merged, PAMR."""
+        """``item`` (image, label at the input size) and ``pred (H, W)`` (at the label's size, or
+        already at the scoring size: :meth:`at_score_size`) -> the item at the scoring size and
+        the prediction to score: downsampled, background merged, PAMR."""
         if self.identity:
             return dict(item), pred
         p = self.protocol

@@ -13,7 +13,8 @@ Rules, each applied per image and the counts summed over the dataset as the live
   across images, so there is no dataset-level cluster to vote for (STEGO/PiCIE's many-to-one).
 * ``background_merge``: DiffCut's protocol; clusters left unmatched to a foreground class merge
   into one background cluster (``eval.protocol.merge_unmatched_into_background`` on the table),
-  then ``hungarian``. Needs a background class.
+  then ``hungarian``. Needs a background class, and segments not refined with PAMR (DiffCut
+  merges before PAMR: a merge after it is refused, not computed in the reverse order).
 
 A run whose protocol merged before scoring (``protocol=diffcut`` on VOC, COCO-Object, Pascal
 Context) stored the merged segments: its own rule is ``background_merge`` and ``hungarian``

@@ -63,6 +63,7 @@ class Rules:
     compat: bool
     merged_into: int | None  # the class the run merged unmatched clusters into (stored merged)
     background: int | None  # the class ``background_merge`` merges into
+    pamr: bool = False  # the stored segments were refined with PAMR (after any merge)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], class_names: Sequence[str]) -> Rules:
@@ -73,7 +74,7 @@ class Rules:
         merged = protocol.background_index(dataset, names)
         name = protocol.background.get(dataset, "background")
         background = merged if merged is not None else names.index(name) if name in names else None
-        return cls(dataset, names, protocol.compat, merged, background)
+        return cls(dataset, names, protocol.compat, merged, background, protocol.pamr)
 
     @property
     def n_class(self) -> int:
@@ -92,6 +93,14 @@ class Rules:
             return "the run merged unmatched clusters into background before scoring"
         if rule == "background_merge" and self.background is None:
             return f"{self.dataset} has no background class"
+        if rule == "background_merge" and self.merged_into is None and self.pamr:
+            # DiffCut merges the raw clusters, then refines with PAMR; the stored segments are
+            # already refined, so merging them now would reverse its order.
+            return (
+                "the run refined its segments with PAMR without the merge; DiffCut merges before "
+                "PAMR, so the merge cannot be applied in its order to the refined segments (run "
+                "again with the protocol's background merge)"
+            )
         return None
 
     def order(self, background: int | None) -> np.ndarray | None:

@@ -29,6 +29,7 @@ from eval.protocol import Protocol, ProtocolData, check_dataset, check_resolutio
 from eval.runtime import RunError, resolve_device, seed_everything
 from eval.schema import check_run
 from eval.segmenters import EXTRA_DIR, extra_segmenters, segmenter_call
+from eval.segmenters import get as segmenter_spec
 from eval.state import check_writable, open_run
 
 
@@ -47,15 +48,24 @@ def load_data(cfg: DictConfig, protocol: Protocol) -> Dataset:
 
 
 def segmenter_calls(
-    segmenters: dict[str, dict[str, Any]], resolution: int, seed: int, scale_factor: int = 8
+    segmenters: dict[str, dict[str, Any]],
+    resolution: int,
+    seed: int,
+    scale_factor: int = 8,
+    score_resolution: int | None = None,
 ) -> list[dict[str, Any]]:
     """The call settings of each segmenter (config key -> config), checked for a model with
     ``scale_factor`` input pixels per position of its largest attention map (8: SD 1.x's, the
-    smallest; the loaded model's is known only once it is loaded)."""
-    return [
-        segmenter_call(segmenter, resolution, seed, key, scale_factor)
-        for key, segmenter in segmenters.items()
-    ]
+    smallest; the loaded model's is known only once it is loaded). The segmenters that make
+    their labels at the scoring side (``SegmenterSpec.score_size``: DiffCut) get the protocol's
+    ``score_resolution`` when it has one."""
+    calls = []
+    for key, segmenter in segmenters.items():
+        call = segmenter_call(segmenter, resolution, seed, key, scale_factor)
+        if score_resolution is not None and segmenter_spec(call.get("name", "diffseg")).score_size:
+            call["score_resolution"] = score_resolution
+        calls.append(call)
+    return calls
 
 
 def load_pipeline(cfg: DictConfig, device: torch.device, resolution: int, n_todo: int) -> Any:
@@ -149,7 +159,9 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
         **{f"segmenters.{key}": segmenter for key, segmenter in extras.items()},
     }
     segmenters = list(by_key.values())
-    calls = segmenter_calls(by_key, resolution, cfg.seed)
+    calls = segmenter_calls(
+        by_key, resolution, cfg.seed, score_resolution=protocol.score_resolution
+    )
     dirs = [run_dir, *(run_dir / EXTRA_DIR / key for key in extras)]
     for folder in dirs[1:]:
         folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,9 @@ or why none. A cell with no comparable run says ``not run``. Written as Markdown
 ``run_id`` behind each of our numbers), and printed.
 
 ``python -m eval.tables --sweep kl_threshold`` instead plots a sweep (``eval.sweeps``).
+``python -m eval.tables --verify`` is the gate after a full reproduction: it exits non-zero when a
+filled cell of a published column lies further from the published number than the dataset's
+tolerance (``eval.paper.VERIFY_TOLERANCE``), or when no cell is filled, listing each such cell.
 """
 
 from __future__ import annotations
@@ -196,6 +199,32 @@ def explain(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def verify(
+    rows: Sequence[Mapping[str, Any]], published: pd.DataFrame, names: Sequence[str] | None = None
+) -> tuple[int, list[str]]:
+    """The filled cells of the published columns (each table's first variant) checked against
+    their published numbers: the number of cells checked and one line per cell further than
+    ``eval.paper.VERIFY_TOLERANCE`` from it (expected, got, tolerance, run)."""
+    checked, failures = 0, []
+    for name in names or paper.TABLES:
+        table = paper.TABLES[name]
+        tidy = build_table(table, rows, published)
+        filled = tidy[(tidy["status"] == "ok") & (tidy["variant"] == table.variants[0].key)]
+        for cell in filled.itertuples(index=False):
+            if math.isnan(cell.published):
+                continue
+            checked += 1
+            tolerance = paper.VERIFY_TOLERANCE[cell.dataset]
+            if abs(cell.delta) > tolerance:
+                failures.append(
+                    f"{cell.table}/{cell.method}/{cell.dataset}/{cell.variant} "
+                    f"{METRICS[cell.metric]}: expected {_fmt(cell.published)}, got "
+                    f"{cell.ours:.2f} ({_fmt(cell.delta, True)}), tolerance {tolerance} "
+                    f"(run {cell.run_id})"
+                )
+    return checked, failures
+
+
 def _fmt(value: float, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
@@ -315,6 +344,27 @@ def write_tables(
     return written
 
 
+def _verify_gate(
+    ledger_path: str, names: Sequence[str] | None, experiments: Sequence[str] | None
+) -> None:
+    """``--verify``: prints the verdict; ``SystemExit`` (non-zero) listing the cells outside
+    their tolerance, or when no published cell is filled."""
+    rows = _only_experiments(read_ledger(ledger_path), experiments)
+    checked, failures = verify(rows, read_published(), names)
+    if failures:
+        lines = "\n".join(f"  {line}" for line in failures)
+        raise SystemExit(
+            f"verify: {len(failures)} of {checked} filled cell(s) outside the tolerance "
+            f"(eval.paper.VERIFY_TOLERANCE, percentage points):\n{lines}"
+        )
+    if not checked:
+        raise SystemExit(
+            f"verify: no published cell is filled by {ledger_path}; nothing reproduced "
+            "(python -m eval.tables --explain says why each run fills none)"
+        )
+    print(f"verify: {checked} filled cell(s), each within its dataset's tolerance")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m eval.tables", description=__doc__.split("\n")[0]
@@ -332,8 +382,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--explain", action="store_true", help="say, for every ledger row, which cell it fills"
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="exit non-zero unless every filled published cell is within its dataset's tolerance",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.verify:
+            _verify_gate(args.ledger, args.table, args.experiment)
+            return
         if args.explain:
             rows = _only_experiments(read_ledger(args.ledger), args.experiment)
             print("\n".join(explain(rows)) if rows else f"{args.ledger}: no runs recorded")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from eval.datasets import DataFileError, SplitSizeWarning, collate, get_dataset
@@ -445,3 +446,29 @@ def test_synthetic_deterministic_and_masks_exact():
     assert torch.equal(noisy["label"], a[0]["label"]) and not torch.equal(noisy["image"], img)
     with pytest.raises(IndexError):
         a[3]
+
+
+# Small JPEGs and their pixels as TensorFlow's tf.io.decode_jpeg (DiffSeg's official pipeline) and
+# torchvision's read_image (DiffCut's loader) decoded them, each run once in a throwaway
+# environment by tests/data/make_jpeg_decoded.py: the decoders themselves, not stand-ins.
+DECODED = Path(__file__).with_name("data") / "jpeg_decoded.npz"
+JPEGS = ("q85_420", "q95_444", "q75_422_odd", "q90_grey")
+
+
+@pytest.mark.parametrize("name", JPEGS)
+def test_tf_decoding_gives_tensorflows_own_pixels(name):
+    fixture = np.load(DECODED)
+    data = fixture[f"{name}.jpg"].tobytes()
+    np.testing.assert_array_equal(decode_image(data, "tf", name), fixture[f"{name}.tf"])
+    # The accurate DCT decodes otherwise: the comparison tells the decoders apart.
+    assert (decode_image(data, "pil", name) != fixture[f"{name}.tf"]).any()
+
+
+@pytest.mark.parametrize("name", JPEGS)
+def test_diffcut_protocol_decodes_as_torchvision(name):
+    fixture = np.load(DECODED)
+    data = fixture[f"{name}.jpg"].tobytes()
+    protocol = Path(__file__).parents[1] / "conf" / "dataset" / "protocol" / "diffcut.yaml"
+    decoder = OmegaConf.load(protocol).jpeg_decoder
+    np.testing.assert_array_equal(decode_image(data, decoder, name), fixture[f"{name}.torchvision"])
+    assert (decode_image(data, "tf", name) != fixture[f"{name}.torchvision"]).any()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from diffseg.diffcut import (
     affinity,
+    assemble_clusters,
     assign_high_res,
     diffcut_segment,
     ncut_bipartition,
@@ -199,12 +200,16 @@ def test_bad_input_is_refused(call, message):
 # ---------------------------------------------------------------------------------------------
 # An independent transcription of DiffCut's code (PaulCouairon/DiffCut, diffcut/
 # recursive_normalized_cut.py, DiffCut.recursive_ncut / get_bipartition / assemble_clusters /
-# generate_masks), in numpy float64 and in its own structure: painting masks, masked affinity,
-# nodes with a zero in their row dropped below level 0, the Rayleigh-quotient Ncut.
+# generate_masks), in numpy float64 (the codes of assemble_clusters in float32, as DiffCut's) and
+# in its own structure: painting masks, masked affinity, nodes with a zero in their row dropped
+# below level 0, the Rayleigh-quotient Ncut.
 
 
-def _reference_recursive_ncut(feats: np.ndarray, tau: float, alpha: float, dims) -> list:
-    """``feats (C, N)`` -> DiffCut's list of accumulated (h, w) 0/1 bipartition masks."""
+def _reference_recursive_ncut(
+    feats: np.ndarray, tau: float, alpha: float, dims, sizes: list | None = None
+) -> list:
+    """``feats (C, N)`` -> DiffCut's list of accumulated (h, w) 0/1 bipartition masks.
+    ``sizes``: if given, gets the node count of each subgraph split."""
     n = feats.shape[1]
     accumulator = []
 
@@ -239,6 +244,8 @@ def _reference_recursive_ncut(feats: np.ndarray, tau: float, alpha: float, dims)
         bipartition[keep] = partitions[int(np.argmin(values))]
         bipartition = bipartition.reshape(dims)
         if min(values) < tau:
+            if sizes is not None:
+                sizes.append(len(keep))
             accumulator.append(bipartition)
             step(aff, painting, 1 - bipartition, level + 1)
             step(aff, painting, bipartition, level + 1)
@@ -250,15 +257,17 @@ def _reference_recursive_ncut(feats: np.ndarray, tau: float, alpha: float, dims)
     return accumulator
 
 
-def _reference_generate_masks(features: torch.Tensor, tau: float, alpha: float, out: int):
+def _reference_generate_masks(
+    features: torch.Tensor, tau: float, alpha: float, out: int, sizes: list | None = None
+):
     """``features (C, h, w)`` -> (low-res segments (h, w), labels (out, out)) as DiffCut does."""
     c, h, w = features.shape
     fn = F.normalize(features.double(), dim=0)
-    clusters = _reference_recursive_ncut(fn.reshape(c, -1).numpy(), tau, alpha, (h, w))
-    mask, top = np.zeros((h, w)), 1.0
+    clusters = _reference_recursive_ncut(fn.reshape(c, -1).numpy(), tau, alpha, (h, w), sizes)
+    mask, top = np.zeros((h, w), np.float32), np.float32(1)
     for cluster in clusters or [np.zeros((h, w))]:
-        mask += top * cluster
-        top = mask.max() + 1
+        mask += top * cluster.astype(np.float32)
+        top = mask.max() + np.float32(1)
     ids = np.unique(mask)
     segments = np.searchsorted(ids, mask)
     concepts = np.stack([fn.numpy()[:, mask == i].mean(axis=1) for i in ids])  # (K, C)
@@ -282,3 +291,47 @@ def test_matches_a_transcription_of_diffcuts_code(seed):
         assert same_partition(segments, ref_segments)
         labels = diffcut_segment(features[None], 40, alpha=10, tau=tau)[0]
         assert same_partition(labels, ref_labels)
+
+
+def smooth_features(seed: int, c: int = 16, s: int = 16, noise: float = 0.3) -> torch.Tensor:
+    """``(c, s, s)``: a random field of 4x4 directions interpolated, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, c, 4, 4, generator=g)
+    features = F.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=True)[0]
+    return features + noise * torch.randn(c, s, s, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3, 5, 6])
+def test_ids_and_labels_at_the_output_size_are_diffcuts_exactly(seed):
+    # Id for id, not only the partition: the ids break the matching's ties (which absent class
+    # takes a leftover cluster's pixels). DiffCut numbers segments by its assemble_clusters
+    # codes, and makes its labels straight at the output size (128 for 32x32 nodes; here 64
+    # for 16x16), not at the input side and then subsampled.
+    features = smooth_features(seed)
+    sizes = []
+    ref_segments, ref_labels = _reference_generate_masks(features, 0.3, 10, 64, sizes)
+    # A split of two nodes of equal degree is decided by rounding (diffseg/diffcut.py): the
+    # seeds are ones without.
+    assert len(sizes) > 4 and min(sizes) > 2
+    segments = recursive_ncut(affinity(features.reshape(16, -1).T, 10), 0.3)
+    np.testing.assert_array_equal(segments.reshape(16, 16).numpy(), ref_segments)
+    labels = diffcut_segment(features[None], 64, alpha=10, tau=0.3)[0]
+    np.testing.assert_array_equal(labels.numpy(), ref_labels)
+
+
+def test_float32_codes_merge_segments_as_in_diffcuts_code():
+    # Past 2**24 DiffCut's float32 codes round: 26 nested splits (each side the previous one
+    # less its first node) push the largest code past 2**25, where "largest + 1" rounds to the
+    # largest; a last split taking a fresh node alone then gives it the largest code: the node
+    # joins the innermost segment, as in DiffCut's code.
+    n = 28
+    index = torch.arange(n)
+    splits = [(index > k) & (index < n - 1) for k in range(26)] + [index == n - 1]
+    ids = assemble_clusters(splits, n, torch.device("cpu"))
+    assert len(ids.unique()) == n - 1  # exact codes: n segments
+    assert ids[-1] == ids[-2] == n - 2
+    codes, top = np.zeros(n, np.float32), np.float32(1)
+    for side in splits:
+        codes += top * side.numpy().astype(np.float32)
+        top = codes.max() + np.float32(1)
+    np.testing.assert_array_equal(ids.numpy(), np.unique(codes, return_inverse=True)[1])

@@ -202,3 +202,39 @@ def test_diffcut_reads_its_features_from_the_attention_cache(pipe, images, tmp_p
         assert len(seen) == 2 and old.cache.load(key).features is not None
     finally:
         hook.remove()
+
+
+def test_a_diffcut_run_behind_the_cache_runs_the_unet_once(tmp_path: Path) -> None:
+    args = (*RUN, "segmenter=diffcut", "cache.attention=true", "cache.dtype=float32")
+    first = run_module("eval", tmp_path, *args, "hydra.run.dir=a")
+    assert first.returncode == 0, first.stderr
+    second = run_module("eval", tmp_path, *args, "segmenter.tau=0.7", "hydra.run.dir=b")
+    assert second.returncode == 0, second.stderr
+    assert "2 image(s) read, 0 computed" in second.stdout
+    alone = run_module("eval", tmp_path, *RUN, "segmenter=diffcut", "segmenter.tau=0.7",
+                       "hydra.run.dir=c")  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    assert _records(tmp_path / "b") == _records(tmp_path / "c")
+
+
+def test_diffcut_labels_are_made_at_the_protocols_scoring_size(pipe, images) -> None:
+    # DiffCut's code upsamples its features straight to the scoring size (128); labels made at
+    # the input side and then subsampled take other pixels' assignments.
+    from eval.protocol import Protocol, Scoring
+    from eval.run import segmenter_calls
+
+    diffseg = {"name": "diffseg", "timestep": 300, "kl_threshold": [1.1] * 3, "num_points": 8}
+    cut = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    by_key = {"segmenter": cut, "segmenters.s": diffseg}
+    cut_call, seg_call = segmenter_calls(by_key, 128, seed=0, score_resolution=32)
+    assert cut_call["score_resolution"] == 32 and "score_resolution" not in seg_call
+    labels = segment_batch(pipe, images, [{"id": "a"}, {"id": "b"}], cut_call)
+    features = pipe.unet_pass(images, replace(CUT, resolution=128)).features
+    assert labels.shape == (2, 32, 32)
+    assert torch.equal(labels, diffcut_segment(features, 32))
+    # Scored as made: neither brought to the label's size nor resampled.
+    protocol = Protocol("diffcut", resolution=128, crop="min_minus_one", score_resolution=32)
+    score = Scoring(protocol, n_class=3, background=None)
+    assert score.at_score_size(labels[0]) and not score.at_score_size(torch.zeros(128, 128))
+    item = {"image": torch.rand(3, 128, 128), "label": torch.zeros(128, 128, dtype=torch.long)}
+    assert torch.equal(score(item, labels[0])[1], labels[0])

@@ -35,6 +35,7 @@ SWEEPS = {
     "optuna_search": {"segmenter.kl_threshold", "segmenter.timestep", "segmenter.num_points"},
     "diffcut_diffseg": {"dataset"},
     "diffcut_ssd1b": {"dataset"},
+    "diffcut_sd14": {"dataset"},
     "tune_kl": {"segmenter.kl_threshold"},
 }
 MODELS = {"diffcut_ssd1b": "ssd1b"}  # the Hydra model choice where it is not SD 1.4

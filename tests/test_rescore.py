@@ -16,7 +16,7 @@ from scipy.ndimage import binary_erosion
 from eval import contingency, granularity, paper
 from eval.matching import confusion_histogram, match_histogram, match_per_image
 from eval.protocol import Protocol, Scoring, merge_unmatched_into_background
-from eval.rules import Rules, majority_counts, score
+from eval.rules import RescoreError, Rules, majority_counts, score
 from tests import fixtures as fx
 from tests.helpers import run_module
 
@@ -122,6 +122,25 @@ def test_rules_that_do_not_apply_say_why():
     assert "merged" in merged.unavailable("hungarian")
     plain = Rules("coco_stuff27", ("a", "b"), False, None, None)
     assert plain.unavailable("background_merge") == "coco_stuff27 has no background class"
+
+
+def test_a_merge_that_would_follow_pamr_is_refused():
+    # A run with PAMR but without the merge stored refined segments: merging them now would be
+    # the reverse of DiffCut's order (merge, then PAMR).
+    settings = {"compat": False, "pamr": True, "background": {}}
+    row = {"protocol": "diffcut", "dataset": "voc", "protocol_settings": settings}
+    names = ("background", "cat")
+    refined = Rules.from_row(row, names)
+    assert refined.own == "hungarian" and refined.unavailable("hungarian") is None
+    assert "PAMR" in refined.unavailable("background_merge")
+    with pytest.raises(RescoreError, match="merges before PAMR"):
+        score({0: np.zeros((4, 3, 2), dtype=np.int64)}, refined, "background_merge")
+    # Without PAMR the merge applies to the raw clusters, as DiffCut's order has it.
+    raw = Rules.from_row({**row, "protocol_settings": {**settings, "pamr": False}}, names)
+    assert raw.unavailable("background_merge") is None
+    # The merge made by the run itself (before PAMR) is the run's own rule.
+    merged = {**settings, "background": {"voc": "background"}}
+    assert Rules.from_row({**row, "protocol_settings": merged}, names).own == "background_merge"
 
 
 def test_boundary_band_is_ciou_erosion_of_every_region():

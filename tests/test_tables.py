@@ -44,7 +44,12 @@ def settings_of(*overrides, model="sd14"):
     protocol = Protocol.from_config(resolved["protocol"])
     resolution = protocol.input_resolution or resolved["dataset"]["resolution"]
     size = SPLIT_SIZES.get(resolved["dataset"]["name"])
-    return record.settings(resolved, model, protocol, resolution, torch.device("cpu"), size)
+    row = record.settings(resolved, model, protocol, resolution, torch.device("cpu"), size)
+    # As a GPU run from the hub records them (the hub is not reached here): the snapshot's
+    # fingerprint and the device. A local folder keeps its recorded (absent) fingerprint.
+    if not row["model_hash"] and not row["model_id"].startswith(("/", ".")):
+        row["model_hash"] = "hub:" + "0" * 40
+    return {**row, "device": "NVIDIA H100 80GB HBM3"}
 
 
 def run(run_id, timestamp, acc, miou, overrides, n=None, model="sd14", **changes):
@@ -222,7 +227,7 @@ def test_paper_experiments_reproduce_the_published_setting(overrides, cell):
 
 SSD1B = ("+experiment=diffcut_ssd1b",)
 NO_PAMR = (*SSD1B, "protocol.pamr=false")
-SD14_CUT = (*SSD1B, "model=sd14")
+SD14_CUT = ("+experiment=diffcut_sd14",)
 CUT_LINES = {
     "DiffCut (SSD-1B)": (SSD1B, "ssd1b"),
     "DiffCut (SSD-1B, no PAMR)": (NO_PAMR, "ssd1b"),
@@ -277,11 +282,15 @@ def test_diffcut_runs_fill_their_lines_beside_the_published_numbers(tmp_path):
         (SSD1B, "tiny_xl", {"model_id": ""}, ["model=tiny_xl"]),
         ((*SSD1B, "model.dtype=float32"), "ssd1b", {}, ["dtype=float32"]),
         ((*SSD1B, "model.dtype=null"), "ssd1b", {}, ["dtype=float32"]),  # CPU: float32
-        ((*SSD1B, "model.model=/local/SSD-1B"), "ssd1b", {}, []),  # a local copy
+        # A local copy: the weights cannot be told from others.
+        ((*SSD1B, "model.model=/local/SSD-1B"), "ssd1b", {}, ["weights unverified (no weights fingerprint recorded; published: the segmind/SSD-1B hub snapshot)"]),
+        (SSD1B, "ssd1b", {"model_hash": "dir:0123abcd"}, ["weights unverified (model_hash=dir:0123abcd; published: the segmind/SSD-1B hub snapshot)"]),
+        # DiffCut's noise is drawn by a CUDA generator: a CPU draw is other noise.
+        (SSD1B, "ssd1b", {"device": "cpu"}, ["noise drawn on cpu (published: cuda)"]),
         ((*SSD1B, "model.model=segmind/Segmind-Vega"), "ssd1b", {}, ["model_id=segmind/Segmind-Vega"]),
         ((*SSD1B, "segmenter.tau=0.3"), "ssd1b", {}, ["segmenter.tau=0.3"]),
         # SD 1.4 without PAMR is none of DiffCut's lines.
-        ((*SD14_CUT, "protocol.pamr=false"), "sd14", {}, ["model=sd14", "model_id=CompVis/stable-diffusion-v1-4", "protocol.pamr=False"]),
+        ((*SD14_CUT, "protocol.pamr=false"), "sd14", {}, ["model=sd14", "model_id=CompVis/stable-diffusion-v1-4", "protocol.pamr=False", "segmenter.tau=0.2"]),
     ],
 )  # fmt: skip
 def test_diffcut_runs_that_deviate_target_a_diffcut_line(overrides, model, changes, expected):
@@ -308,6 +317,17 @@ def test_diffcut_runs_that_deviate_target_a_diffcut_line(overrides, model, chang
         ((*DIFFCUT, "protocol.pamr=false"), {}, ["protocol.pamr=False"]),
         ((*DIFFCUT, "protocol.model_resolution=512"), {}, ["protocol.model_resolution=512"]),
         ((*DIFFCUT, "protocol.resolution=128"), {}, ["protocol.resolution=128"]),
+        # The official first merge is float16 arithmetic, which changes what is merged.
+        ((*COCO, "segmenter.first_merge_dtype=float64"), {}, ["segmenter.first_merge_dtype=float64"]),
+        ((*DIFFCUT, "segmenter.first_merge_dtype=float64"), {}, ["segmenter.first_merge_dtype=float64"]),
+        ((*COCO, "model.revision=non-ema"), {}, ["model_revision=non-ema"]),
+        (COCO, {"model_revision": "main"}, []),
+        (COCO, {"model_hash": "dir:0123abcd"}, ["weights unverified (model_hash=dir:0123abcd; published: the CompVis/stable-diffusion-v1-4 hub snapshot)"]),
+        (COCO, {"model_hash": ""}, ["weights unverified (no weights fingerprint recorded; published: the CompVis/stable-diffusion-v1-4 hub snapshot)"]),
+        ((*COCO, "dataset.source=hf:someone/coco-stuff"), {}, ["dataset.source=hf:someone/coco-stuff"]),
+        ((*DIFFCUT, "dataset.source=parquet:/d/voc"), {}, ["dataset.source=parquet:/d/voc"]),
+        # DiffSeg's pass has no noise: the device does not matter.
+        (COCO, {"device": "cpu"}, []),
     ],
 )  # fmt: skip
 def test_deviations_name_each_setting_that_differs(overrides, changes, expected):
@@ -474,3 +494,62 @@ def test_cli_writes_every_format_and_no_temporary_files(ledger, tmp_path, capsys
     )
     printed = capsys.readouterr().out
     assert "table1.tex" in printed and "| DiffSeg | COCO-Stuff-27 | 72.5 | 73.1 |" in printed
+
+
+def test_diffcut_sd14_line_is_tau_0_2_and_a_tau_0_5_run_is_kept_out(tmp_path):
+    # DiffCut's author: the SD 1.4 line used tau 0.2 (PaulCouairon/DiffCut issue #5).
+    coco = ("dataset=coco_stuff27",)
+    rows = [
+        run("tau02", "2025-01-01", 0.7, 0.44, (*SD14_CUT, *coco)),
+        run("tau05", "2025-02-01", 0.7, 0.9, (*SSD1B, "model=sd14", *coco)),
+    ]
+    ledger = write_ledger(tmp_path / "ledger.csv", rows)
+    _, body = body_of(render_tables(ledger, ["diffcut"])["diffcut"][".md"])
+    sd14 = body[("DiffCut (SD 1.4)", "COCO-Stuff-27")]
+    assert (sd14["mIoU paper"], sd14["mIoU ours (DiffCut's labels)"]) == ("45.2", "44.0")
+    assert "issue #5" in sd14["Source"] and "tau 0.2" in sd14["Source"]
+    by_run = {line.split(" ")[0]: line for line in explain(read_ledger(ledger))}
+    assert by_run["tau05"].endswith(
+        "targets diffcut/DiffCut (SD 1.4)/coco_stuff27/ours but is not comparable: "
+        "segmenter.tau=0.5"
+    )
+
+
+def _verify(ledger, capsys) -> tuple[object, str]:
+    """``python -m eval.tables --verify``: its exit (None: 0, else the message) and output."""
+    try:
+        main(["--verify", "--ledger", str(ledger)])
+    except SystemExit as e:
+        return e.code, capsys.readouterr().out
+    return None, capsys.readouterr().out
+
+
+def test_verify_tells_a_reproduction_from_a_near_miss(tmp_path, capsys):
+    # Published: COCO-Stuff-27 72.5 / 43.6 (tolerance 0.5), Cityscapes 76.0 / 21.2 (1.0).
+    close = [
+        run("coco", "2025-01-01", 0.727, 0.438, COCO),  # +0.2, +0.2
+        run("city", "2025-01-01", 0.768, 0.204, CITY),  # +0.8, -0.8: within Cityscapes' 1.0
+        # The corrected labels' column has no published number to meet: never verified.
+        run("voc-fixed", "2025-01-01", 0.8, 0.9, (*DIFFCUT, "protocol.compat=false")),
+    ]
+    code, out = _verify(write_ledger(tmp_path / "close.csv", close), capsys)
+    assert code is None and "verify: 4 filled cell(s), each within" in out
+    # A near miss: COCO's mIoU 0.6 below, Cityscapes' accuracy 1.2 above.
+    miss = [
+        run("coco", "2025-01-01", 0.727, 0.430, COCO),
+        run("city", "2025-01-01", 0.772, 0.204, CITY),
+        # A deviating run far off fills no cell: not verified.
+        run("coco-500", "2025-02-01", 0.1, 0.1, (*COCO, "limit=500"), n=500),
+    ]
+    code, _ = _verify(write_ledger(tmp_path / "miss.csv", miss), capsys)
+    assert code.splitlines() == [
+        "verify: 2 of 4 filled cell(s) outside the tolerance (eval.paper.VERIFY_TOLERANCE, "
+        "percentage points):",
+        "  table1/DiffSeg/coco_stuff27/ours mIoU: expected 43.6, got 43.00 (-0.6), "
+        "tolerance 0.5 (run coco)",
+        "  table1/DiffSeg/cityscapes/ours Acc: expected 76.0, got 77.20 (+1.2), "
+        "tolerance 1.0 (run city)",
+    ]
+    # Nothing filled: nothing reproduced, not a pass.
+    code, _ = _verify(write_ledger(tmp_path / "none.csv", miss[2:]), capsys)
+    assert code.startswith("verify: no published cell is filled")

@@ -11,8 +11,9 @@ steps are ``diffseg.preprocess``'s, which the pipeline uses too.  The official
 code feeds the model ``x / 127.5 - 1``; items here carry the same image as ``x / 255`` in [0, 1].
 JPEGs are decoded as ``jpeg_decoder`` says (:func:`decode_image`): ``tf`` (default) as the official
 pipeline's ``tf.io.decode_jpeg`` (libjpeg-turbo's fast integer DCT, fancy upsampling), ``pil``
-with Pillow (accurate integer DCT, as DiffCut's ``torchvision.io.read_image``); the two differ by
-a few grey levels on many pixels. Other formats (PNG) are decoded with Pillow.
+with Pillow (accurate integer DCT, the pixels of DiffCut's ``torchvision.io.read_image``); the two
+differ by a few grey levels on many pixels. Both tested against the decoders' own pixels
+(``tests/data/jpeg_decoded.npz``). Other formats (PNG) are decoded with Pillow.
 """
 
 from __future__ import annotations

@@ -36,16 +36,21 @@ class DiffCutSettings(SegmenterSettings):
                 raise ValueError(f"segmenter.{key} must be a finite positive number, got {value!r}")
 
 
-@register("diffcut", schema=DiffCutSettings, features=True)
+@register("diffcut", schema=DiffCutSettings, features=True, score_size=True)
 def diffcut(
     pipeline: Any,
     images: torch.Tensor,
     items: Sequence[Mapping[str, Any]],
     call: Mapping[str, Any],
 ) -> torch.Tensor:
-    """DiffCut's labels ``(B, R, R)`` (on the CPU) for ``images (B, 3, H, W)``."""
+    """DiffCut's labels ``(B, S, S)`` (on the CPU) for ``images (B, 3, H, W)``: ``S`` is the
+    protocol's scoring side (call key ``score_resolution``) when it has one, else the input side
+    ``resolution``. DiffCut's code upsamples its features straight to the scoring size
+    (``generate_masks(mask_size=(128, 128))``); labels made at the input side and then
+    subsampled take other pixels' assignments."""
     # DiffCut's numerics: its mixed precision and diffusers' attention, no DiffSeg capture.
     settings = PassSettings.of(call, numerics=DIFFCUT.name)
     features = pipeline.unet_pass(images, settings, features=True).features
     with torch.inference_mode():
-        return diffcut_segment(features, call["resolution"], call["alpha"], call["tau"]).cpu()
+        size = call.get("score_resolution") or call["resolution"]
+        return diffcut_segment(features, size, call["alpha"], call["tau"]).cpu()

@@ -56,27 +56,32 @@ class AttentionSettings(SegmenterSettings):
 @dataclass(frozen=True)
 class SegmenterSpec:
     """One segmenter: its ``name`` (``segmenter.name``), settings ``schema`` and ``segment``;
-    ``features``: whether it reads DiffCut's UNet features (``DiffSegPipeline.unet_pass``)."""
+    ``features``: whether it reads DiffCut's UNet features (``DiffSegPipeline.unet_pass``);
+    ``score_size``: whether it makes its labels at the protocol's scoring side when there is one
+    (call key ``score_resolution``, as DiffCut's code makes its masks), not at the input side."""
 
     name: str
     schema: type
     segment: Segment
     features: bool = False
+    score_size: bool = False
 
 
 _SPECS: dict[str, SegmenterSpec] = {}
 
 
-def register(*names: str, schema: type, features: bool = False) -> Callable[[Segment], Segment]:
+def register(
+    *names: str, schema: type, features: bool = False, score_size: bool = False
+) -> Callable[[Segment], Segment]:
     """Decorator registering the segment function it wraps under ``names`` with ``schema``;
-    ``features``: it reads the UNet features of the pass (:class:`SegmenterSpec`)."""
+    ``features``, ``score_size``: see :class:`SegmenterSpec`."""
 
     def add(segment: Segment) -> Segment:
         for name in names:
             old = _SPECS.get(name)
             if old is not None and old.segment.__qualname__ != segment.__qualname__:
                 raise ValueError(f"segmenter {name!r} is registered twice")
-            _SPECS[name] = SegmenterSpec(name, schema, segment, features)
+            _SPECS[name] = SegmenterSpec(name, schema, segment, features, score_size)
         return segment
 
     return add
