@@ -53,9 +53,15 @@ def interrupted(cfg: DictConfig) -> NoReturn:
 def main(cfg: DictConfig) -> float | jobs.FailedRun:
     """Returns the run's mIoU (a fraction), the objective Hydra sweepers such as Optuna read
     (a failed job of a sweep: :class:`eval.jobs.FailedRun`)."""
-    from eval.run import evaluate
+    from eval.preflight import check_config
 
     try:
+        # A single run was checked before its folder was made (eval.preflight.Preflight); a
+        # sweep's job here, before the model's stack is imported.
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            check_config(cfg)
+        from eval.run import evaluate
+
         outputs = evaluate(cfg)
         # Under torchrun only rank 0 has the results; the other ranks return nan.
         return float(outputs.results["miou"]) if outputs is not None else float("nan")
