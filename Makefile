@@ -48,10 +48,11 @@ bench:
 	$(PY) bench/bench_data.py
 
 # The toy trained model (models/tiny_trained: a toy, not Stable Diffusion) on held-out hard
-# scenes at 128 px, at its own KL threshold 0.02; `model=tiny` is the random-weight model.
+# scenes at 128 px, at its own KL threshold 0.02 (conf/segmenter/tuned/model/); `model=tiny` is
+# the random-weight model.
 demo:
 	WANDB_MODE=offline $(PY) -m eval model=tiny_trained dataset.resolution=128 \
-		dataset.seed=7 dataset.noise=0.05 dataset.hard=true segmenter.kl_threshold=0.02
+		dataset.seed=7 dataset.noise=0.05 dataset.hard=true
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -93,8 +93,15 @@ def test_help_describes_the_tool(tmp_path: Path) -> None:
         "segmenter:",
     ):
         assert group in out.stdout
-    assert "python -m eval dataset=synthetic model=tiny" in out.stdout  # an example
+    # The offline example uses the toy trained model (the random `tiny` gives one segment).
+    assert "python -m eval model=tiny_trained dataset.hard=true logger=csv" in out.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_loading_the_model_stack_warns_of_nothing_a_user_can_act_on(tmp_path: Path) -> None:
+    out = run_module("diffseg.pipeline", tmp_path)  # imports diffusers and transformers
+    assert out.returncode == 0, out.stderr
+    assert "torchvision" not in out.stderr, out.stderr
 
 
 def test_default_paths_are_under_the_project_root_or_diffseg_home(monkeypatch) -> None:
