@@ -16,11 +16,12 @@ import torch
 from bench_pipeline import bench_images, build, machine, report
 from timing import timed
 
+from eval import description
 from eval.attention_cache import AttentionCache, CachedAttentionPipeline, bytes_per_image
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=["tiny", "sd14"])
