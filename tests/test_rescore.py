@@ -162,6 +162,17 @@ def test_granularity_rates_and_histogram_by_hand():
     assert np.array_equal(joint, want)
 
 
+def test_granularity_heatmap_shows_the_diagonal_over_all_data_with_integer_ticks():
+    fig = granularity.figure(np.array([1, 1, 2]), np.array([4, 5, 5]), "t")
+    (ax,) = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    fig.canvas.draw()
+    # Data up to 5 classes and 2 segments: both axes reach 5, where the diagonal meets the data.
+    assert ax.get_xlim() == ax.get_ylim() == (-0.5, 5.5)
+    for ticks in (ax.get_xticks(), ax.get_yticks()):
+        shown = [t for t in ticks if -0.5 <= t <= 5.5]
+        assert all(float(t).is_integer() for t in shown), shown
+
+
 @pytest.mark.parametrize("module", ["eval.rescore", "eval.tables", "eval.ledger", "eval.tune"])
 def test_help_describes_the_command_in_whole_sentences(module):
     out = subprocess.run(
