@@ -98,6 +98,21 @@ def test_help_describes_the_tool(tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
+def test_make_demo_is_the_readmes_command_on_16_scenes_at_the_models_own_threshold() -> None:
+    from eval.prepare import compose_config
+
+    root = Path(harness.CONFIG_DIR).parent
+    recipe = (root / "Makefile").read_text().split("\ndemo:\n")[1].split("\n\n")[0]
+    args = shlex.split(recipe.replace("\\\n", " "))
+    overrides = args[args.index("eval") + 1 :]
+    readme = (root / "README.md").read_text()
+    quoted = readme.split("# = WANDB_MODE=offline python -m eval ")[1].split("\n```")[0]
+    assert shlex.split(quoted.replace("\\\n#", " ")) == overrides
+    assert not [o for o in overrides if "kl_threshold" in o]  # the model brings its own
+    cfg = compose_config(overrides)
+    assert cfg.dataset.length >= 16 and list(cfg.segmenter.kl_threshold) == [0.02] * 3
+
+
 def test_loading_the_model_stack_warns_of_nothing_a_user_can_act_on(tmp_path: Path) -> None:
     out = run_module("diffseg.pipeline", tmp_path)  # imports diffusers and transformers
     assert out.returncode == 0, out.stderr
