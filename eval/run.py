@@ -42,8 +42,22 @@ def load_data(cfg: DictConfig, protocol: Protocol) -> Dataset:
     if protocol.transforms_data:
         dataset = ProtocolData(dataset, protocol, cfg.dataset.name)
     if len(dataset) == 0:
-        raise RunError(f"dataset {cfg.dataset.name} ({cfg.dataset.get('split')}) has no images")
+        raise RunError(empty_dataset_message(options))
     return dataset
+
+
+def empty_dataset_message(options: dict[str, Any]) -> str:
+    """One line for a dataset that loaded no image: where it looked and how to fill it."""
+    name, split, root = options["name"], options.get("split"), options.get("root")
+    source = options.get("source")
+    if root is None and source is None:  # generated: its own settings
+        return f"dataset {name} has no images: check its settings (conf/dataset/{name}.yaml)"
+    where = f"under dataset.root={root}" if source is None else f"in dataset.source={source}"
+    return (
+        f"dataset {name} (split {split}) has no images {where}: check dataset.root and "
+        f"dataset.split (the layout: README, Datasets), or fill it with python -m eval.prepare "
+        f"dataset={name} dataset.root={root}"
+    )
 
 
 def segmenter_calls(

@@ -104,3 +104,28 @@ def test_check_config_accepts_every_experiment_and_the_defaults(
     for name in experiments:
         cfg = compose_config([f"+experiment={name}", "device=cpu"])
         assert set(cfg) - {"hydra"} <= config_keys(), name
+
+
+def test_an_empty_dataset_folder_names_the_root_the_layout_and_the_fix(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from omegaconf import OmegaConf
+
+    from eval.prepare import compose_config
+    from eval.protocol import Protocol
+    from eval.run import load_data
+    from eval.runtime import RunError
+
+    root = tmp_path / "cityscapes"
+    for folder in ("leftImg8bit/val", "gtFine/val"):
+        (root / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(["dataset=cityscapes", f"dataset.root={root}"])
+    protocol = Protocol.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
+    with pytest.warns(UserWarning), pytest.raises(RunError) as e:
+        load_data(cfg, protocol)
+    assert str(e.value) == (
+        f"dataset cityscapes (split val) has no images under dataset.root={root}: check "
+        "dataset.root and dataset.split (the layout: README, Datasets), or fill it with "
+        f"python -m eval.prepare dataset=cityscapes dataset.root={root}"
+    )
