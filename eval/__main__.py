@@ -35,7 +35,7 @@ def job_failed(cfg: DictConfig, error: Exception) -> jobs.FailedRun:
         fail(error, log)
     print(
         f"\nError in job {hydra_cfg.job.num} ({' '.join(overrides)}): {jobs.error_text(error)}"
-        f"\n(traceback in {log}; the sweep goes on)",
+        f"\n(traceback in {log or 'no log: it could not be written'}; the sweep goes on)",
         file=sys.stderr,
     )
     return jobs.FailedRun(jobs.error_text(error), str(log))

@@ -10,6 +10,7 @@ them all and writes the outputs.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,8 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
             for k, (track, rid, setting) in enumerate(zip(tracks, run_ids, settings, strict=True))
         ]
     except BaseException:
-        logger.finish(exit_code=1)
+        with contextlib.suppress(OSError):  # a full disk: the run's own error is the one to show
+            logger.finish(exit_code=1)
         raise
     logger.finish()
     # Last, so that a run failing anywhere before leaves no row.

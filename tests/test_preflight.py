@@ -129,3 +129,40 @@ def test_an_empty_dataset_folder_names_the_root_the_layout_and_the_fix(
         "dataset.root and dataset.split (the layout: README, Datasets), or fill it with "
         f"python -m eval.prepare dataset=cityscapes dataset.root={root}"
     )
+
+
+def test_a_full_disk_marks_the_run_failed_and_says_so_in_one_line(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import builtins
+    import errno
+    import json
+
+    from eval import jobs
+
+    jobs.set_status(tmp_path, "running")
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def no_space(*args, **kwargs):
+        raise full
+
+    real_open = builtins.open
+
+    def open_(path, *args, **kwargs):
+        return (
+            no_space() if str(path).endswith(jobs.ERROR_LOG) else real_open(path, *args, **kwargs)
+        )
+
+    with monkeypatch.context() as m:  # no new file, no room in the log
+        m.setattr(jobs, "write_json_atomic", no_space)
+        m.setattr(builtins, "open", open_)
+        assert jobs.record_failure(tmp_path, full, ["limit=2"]) is None
+    state = json.loads((tmp_path / jobs.STATE_FILE).read_text())
+    assert state["status"] == "failed" and "No space left" in state["error"]
+    with pytest.raises(SystemExit):
+        jobs.fail(full, None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[0].startswith(
+        "Error: OSError: [Errno 28] No space left on device (the disk is full"
+    )
+    assert len(lines) == 2
