@@ -25,7 +25,7 @@ from eval.loggers import RunInfo, SegmenterLogger
 from eval.loop import Loop, Track
 from eval.metrics import HungarianIoU
 from eval.model import load_model
-from eval.outputs import Outputs, append_to_ledger, finish, print_summary
+from eval.outputs import Outputs, append_to_ledger, comparison_table, finish, print_summary
 from eval.protocol import Protocol, ProtocolData, check_dataset, check_resolution_pair, scoring
 from eval.runtime import RunError, resolve_device, seed_everything
 from eval.schema import check_run
@@ -219,4 +219,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     set_status(run_dir, "finished")
     for out in outputs:
         print_summary(out, cfg.save_predictions)
+    if extras:
+        keys = ["segmenter", *(f"segmenters.{key}" for key in extras)]
+        print("\nThe segmenters side by side:\n" + comparison_table(outputs, keys))
     return outputs[0]
