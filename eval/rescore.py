@@ -231,11 +231,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 results[rule] = reason
                 continue
             results[rule] = score(tables, run.rules, rule)
-            row = write(run, rule, results[rule])
-            if rule != run.rules.own:  # the run's own row already holds its own rule's numbers
-                rows.append(row)
+            rows.append(write(run, rule, results[rule]))
         if not args.no_ledger:
-            for row in rows:
+            # The run's own row already holds its own rule's numbers.
+            for row in [r for r in rows if r["scoring"] != run.rules.own]:
                 added = ledger_io.append(ledger, row)  # JSON columns as results.csv has them
                 state = "row added" if added else "row already there, not added again"
                 print(f"Ledger: {ledger} ({row['run_id']}: {state})")
