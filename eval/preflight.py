@@ -58,10 +58,50 @@ def check_home() -> None:
         )
 
 
+GIB = 2**30
+
+
+def available_memory(device: Any) -> int:
+    """Bytes free for a run on ``device`` (a ``torch.device``): the GPU's free memory, else the
+    host's available memory (``MemAvailable``; the physical memory where that is unknown)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def attention_bytes(resolution: int, batch_size: int) -> int:
+    """A lower bound of the memory a batch's segmentation needs with SD 1.x/2.x (8 input pixels per
+    position of the largest attention map; the model is not loaded yet): DiffSeg's aggregated
+    attention, ``(resolution / 8)^4`` float32 values an image (the UNet's attention itself comes
+    on top; SDXL's maps are 4x smaller per side-pair, so this overstates it)."""
+    return batch_size * (resolution // 8) ** 4 * 4
+
+
+def check_memory(resolution: int, batch_size: int, device: Any, where: str) -> None:
+    """Refuse a model input side whose attention cannot fit on ``device`` (``where``: the setting
+    that chose the side, named in the message)."""
+    need, have = attention_bytes(resolution, batch_size), available_memory(device)
+    if need > have:
+        raise ValueError(
+            f"{where}={resolution} with batch_size={batch_size} needs more than "
+            f"{need / GIB:.1f} GiB (the aggregated self-attention, ({resolution // 8}^2)^2 "
+            f"float32 values an image), but {device.type} has {have / GIB:.1f} GiB available; "
+            f"lower {where} (the paper: 512) or batch_size"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Every check of the composed ``cfg`` (without ``hydra``) that needs neither data nor model:
     the keys, the run's scalars, the protocol, the dataset's options, each segmenter's settings
-    for the input side, the device. Raises ``ValueError`` (or ``eval.runtime.RunError``) with
+    for the input side, the device and whether the input side's attention fits in its memory. Raises ``ValueError`` (or ``eval.runtime.RunError``) with
     one line naming the setting."""
     from eval.datasets import check_options
     from eval.protocol import Protocol, check_dataset, check_resolution_pair
@@ -81,7 +121,8 @@ def check_config(cfg: DictConfig) -> None:
     segmenter_call(OmegaConf.to_container(cfg.segmenter, resolve=True), resolution, cfg.seed)
     for key, extra in extra_segmenters(cfg.get("segmenters")).items():
         segmenter_call(extra, resolution, cfg.seed, f"segmenters.{key}")
-    resolve_device(cfg.device)
+    where = "protocol.resolution" if protocol.input_resolution else "dataset.resolution"
+    check_memory(resolution, cfg.batch_size, resolve_device(cfg.device), where)
 
 
 class Preflight(Callback):

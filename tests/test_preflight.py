@@ -166,3 +166,21 @@ def test_a_full_disk_marks_the_run_failed_and_says_so_in_one_line(
         "Error: OSError: [Errno 28] No space left on device (the disk is full"
     )
     assert len(lines) == 2
+
+
+def test_an_input_side_whose_attention_cannot_fit_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from eval import preflight
+    from eval.prepare import compose_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight, "available_memory", lambda device: 8 * preflight.GIB)
+    cfg = compose_config(["dataset.resolution=2048", "device=cpu"])
+    with pytest.raises(ValueError) as e:
+        preflight.check_config(cfg)
+    assert str(e.value).startswith(
+        "dataset.resolution=2048 with batch_size=1 needs more than 16.0 GiB"
+    )
+    assert str(e.value).endswith("lower dataset.resolution (the paper: 512) or batch_size")
+    preflight.check_config(compose_config(["dataset.resolution=512", "device=cpu"]))
