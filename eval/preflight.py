@@ -6,8 +6,9 @@ before Hydra creates the run folder, so a mistake is one line in about the time 
 leaves no folder behind. A sweep's jobs run them first thing (``eval.__main__``), each failure
 recorded in its job folder so that the sweep's summary lists it.
 
-Imports torch (the segmenter and protocol schemas live beside their torch code) but neither
-diffusers nor torchmetrics; those come with ``eval.run`` once the checks pass.
+The keys and the run's scalars are checked before torch is imported; the rest imports torch (the
+segmenter and protocol schemas live beside their torch code) but neither diffusers nor
+torchmetrics, which come with ``eval.run`` once the checks pass.
 """
 
 from __future__ import annotations
@@ -103,15 +104,17 @@ def check_config(cfg: DictConfig) -> None:
     the keys, the run's scalars, the protocol, the dataset's options, each segmenter's settings
     for the input side, the device and whether the input side's attention fits in its memory. Raises ``ValueError`` (or ``eval.runtime.RunError``) with
     one line naming the setting."""
-    from eval.datasets import check_options
-    from eval.protocol import Protocol, check_dataset, check_resolution_pair
-    from eval.runtime import resolve_device
     from eval.schema import check_run
-    from eval.segmenters import extra_segmenters, segmenter_call
 
+    # Torch-free first: these answer in about the time Hydra takes.
     check_home()
     check_keys(cfg)
     check_run(cfg)
+    from eval.datasets import check_options
+    from eval.protocol import Protocol, check_dataset, check_resolution_pair
+    from eval.runtime import resolve_device
+    from eval.segmenters import extra_segmenters, segmenter_call
+
     protocol = Protocol.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
     resolution = protocol.input_resolution or cfg.dataset.get("resolution") or 512
     check_resolution_pair(protocol, resolution)
@@ -130,8 +133,6 @@ class Preflight(Callback):
     and that the run folder and the ledger can be written. A failure is one line, exit 1."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from eval.state import check_writable
-
         # The run folder's name and ${hydra:...} in the task's config need Hydra's config set
         # (Hydra sets it again when the job starts).
         HydraConfig.instance().set_config(config)
@@ -142,6 +143,8 @@ class Preflight(Callback):
             with open_dict(task):
                 task.paths.output_dir = str(run_dir)
             check_config(task)
+            from eval.state import check_writable
+
             check_writable(run_dir, Path(task.paths.ledger))
         except (ValueError, RuntimeError) as e:
             fail(e)

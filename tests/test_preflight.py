@@ -43,6 +43,10 @@ def test_config_checks_import_no_heavy_library(tmp_path: Path) -> None:
     out = run_module("eval", tmp_path, "segmenter.kl_threshold=-1", PYTHONPROFILEIMPORTTIME="1")
     assert out.returncode == 1 and "kl_threshold" in out.stderr
     assert not imported(out.stderr) & set(HEAVY)
+    # The run's own scalars and the keys are checked before torch.
+    out = run_module("eval", tmp_path, "batch_size=0", PYTHONPROFILEIMPORTTIME="1")
+    assert out.returncode == 1 and "batch_size" in out.stderr
+    assert not imported(out.stderr) & {"torch", *HEAVY}
 
 
 def test_diffseg_home_pointing_at_a_file_is_one_line(tmp_path: Path) -> None:
