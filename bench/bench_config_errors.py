@@ -22,6 +22,7 @@ CASES = {
     "Hydra's own error (dataset.foo=1)": ["-m", "eval", "dataset.foo=1"],
     "schema error (batch_size=0)": ["-m", "eval", "batch_size=0"],
     "unknown key (+bach_size=2)": ["-m", "eval", "+bach_size=2"],
+    "segmenter error, needs torch (kl_threshold=-1)": ["-m", "eval", "segmenter.kl_threshold=-1"],
     "baseline: import eval.run": ["-c", "import eval.run"],
 }
 
