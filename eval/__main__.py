@@ -2,7 +2,8 @@
 
 Kept thin so that ``--cfg job``, ``--help`` and composition errors (an unknown dataset, a bad
 override) answer before torch or any model is imported (except under torchrun, where the
-process group starts first: see ``eval.distributed``).
+process group starts first: see ``eval.distributed``); a bad setting is refused by
+``eval.preflight`` before the run folder is made and before the model's stack is imported.
 """
 
 from __future__ import annotations
