@@ -18,6 +18,7 @@ from bench_pipeline import bench_images, build, machine, report
 from safetensors.torch import load_file
 from timing import timed
 
+from eval import description
 from eval.attention_cache import (
     AttentionCache,
     CachedAttentionPipeline,
@@ -27,7 +28,7 @@ from eval.attention_cache import (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=["tiny", "sd14"])

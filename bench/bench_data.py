@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from eval import description
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fixtures
 
 from timing import timed
@@ -79,7 +81,7 @@ def images_per_s(dataset: Dataset, workers: int, batch_size: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--n-cityscapes", type=int, default=32)
     parser.add_argument("--n-coco", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=512)

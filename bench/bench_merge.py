@@ -32,6 +32,7 @@ from diffseg.aggregate import aggregate_attention
 from diffseg.kl import kl_matrix
 from diffseg.merge import sampling_grid, segment_attention
 from diffseg.reference import realistic_attention, reference_segment
+from eval import description
 
 THRESHOLDS = (1.1, 1.1, 1.1)
 FLIP_THRESHOLDS = (0.5, 0.9, 1.1, 1.5)
@@ -71,7 +72,7 @@ def _run(method: str, path: str, args: argparse.Namespace, repeat: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ref-dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument(

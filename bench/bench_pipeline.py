@@ -47,6 +47,7 @@ from diffseg.models import (
     sd14_vae_config,
 )
 from diffseg.pipeline import DiffSegPipeline
+from eval import description
 
 STAGES = ("vae", "unet_plain", "unet_capture", "aggregate", "merge")
 T = TypeVar("T")
@@ -217,7 +218,7 @@ def machine(device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: fp32 on CPU, fp16 on CUDA")
     parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=["tiny", "sd14"])

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from timing import timed
 
 from diffseg.passes import DIFFCUT, PassSettings
-from eval import PROJECT_ROOT
+from eval import PROJECT_ROOT, description
 from eval.segmenters import segment_all, segment_batch, segmenter_call
 
 # conf/segmenter/NAME.yaml with these changes.
@@ -100,7 +100,7 @@ def bench_capture(model: str, args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: fp32 on CPU, fp16 on CUDA")
     parser.add_argument("--models", nargs="+", default=["tiny", "sd14"], choices=MODELS)

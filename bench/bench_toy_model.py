@@ -25,6 +25,7 @@ import torch
 from diffseg.kmeans import kmeans_segment, pixel_kmeans_segment
 from diffseg.merge import segment_attention
 from diffseg.pipeline import DiffSegPipeline
+from eval import description
 from eval.metrics import HungarianIoU
 from eval.train_toy import hard_scenes
 
@@ -83,7 +84,7 @@ def _best_threshold(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("model", help="the trained model's directory (diffusers layout)")
     parser.add_argument("--images", type=int, default=32, help="held-out scenes")
     parser.add_argument("--tune-images", type=int, default=16, help="training scenes for the KL")

@@ -85,9 +85,12 @@ def _check_thresholds(kl_threshold: Sequence[float]) -> list[float]:
             f"e.g. (1.1, 1.1, 1.1); got {kl_threshold!r}"
         )
     values = [float(t) for t in kl_threshold]
-    if not values or not all(math.isfinite(t) and t > 0 for t in values):
+    bad = [t for t in values if not (math.isfinite(t) and t > 0)]
+    if not values or bad:
         raise ValueError(
-            f"kl_threshold must hold at least one finite positive value, got {list(kl_threshold)}"
+            "kl_threshold must hold one or more values, every one finite and positive (one per "
+            f"merging iteration, e.g. [1.1, 1.1, 1.1]); got {list(kl_threshold)}"
+            + (f", where {', '.join(map(str, bad))} is not" if bad else "")
         )
     return values
 

@@ -24,3 +24,9 @@ def home() -> Path:
 OmegaConf.register_new_resolver("diffseg_home", lambda: str(home()), replace=True)
 # Files shipped with the code (the toy model), wherever $DIFFSEG_HOME points.
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+
+def description(doc: str | None) -> str:
+    """A module docstring's first paragraph as one line: a command's ``--help`` description (its
+    first line alone can stop mid-sentence)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())

@@ -2,7 +2,8 @@
 
 Kept thin so that ``--cfg job``, ``--help`` and composition errors (an unknown dataset, a bad
 override) answer before torch or any model is imported (except under torchrun, where the
-process group starts first: see ``eval.distributed``).
+process group starts first: see ``eval.distributed``); a bad setting is refused by
+``eval.preflight`` before the run folder is made and before the model's stack is imported.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def job_failed(cfg: DictConfig, error: Exception) -> jobs.FailedRun:
         fail(error, log)
     print(
         f"\nError in job {hydra_cfg.job.num} ({' '.join(overrides)}): {jobs.error_text(error)}"
-        f"\n(traceback in {log}; the sweep goes on)",
+        f"\n(traceback in {log or 'no log: it could not be written'}; the sweep goes on)",
         file=sys.stderr,
     )
     return jobs.FailedRun(jobs.error_text(error), str(log))
@@ -58,10 +59,16 @@ def interrupted(cfg: DictConfig) -> NoReturn:
 def main(cfg: DictConfig) -> float | jobs.FailedRun:
     """Returns the run's mIoU (a fraction), the objective Hydra sweepers such as Optuna read
     (a failed job of a sweep: :class:`eval.jobs.FailedRun`)."""
-    from eval.run import evaluate
+    from eval.preflight import check_config
     from eval.runlock import run_lock
 
     try:
+        # A single run was checked before its folder was made (eval.preflight.Preflight); a
+        # sweep's job here, before the model's stack is imported.
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            check_config(cfg)
+        from eval.run import evaluate
+
         # One process per run folder (rank 0 holds it for all ranks of a torchrun).
         lock = run_lock(cfg.paths.output_dir) if IS_MAIN_RANK else contextlib.nullcontext()
         with lock:

@@ -73,14 +73,16 @@ def download(
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    # The way around a failed download: the file put where this one would have gone.
+    by_hand = f"; or fetch it another way into {dest} and run the same command again"
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: the .part already holds the whole file
-            raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+            raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason}{by_hand}") from e
         response = None
     except urllib.error.URLError as e:
-        raise OSError(f"download of {url} failed: {e.reason} (no network?)") from e
+        raise OSError(f"download of {url} failed: {e.reason} (no network?){by_hand}") from e
     if response is not None:
         with response:
             if offset and response.status != 206:  # server ignored Range: start over

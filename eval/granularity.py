@@ -58,9 +58,11 @@ def joint_histogram(n_segments: np.ndarray, n_classes: np.ndarray) -> np.ndarray
     return out
 
 
-def plot(n_segments: np.ndarray, n_classes: np.ndarray, path: Path, title: str) -> None:
-    """The joint histogram as a heat map (images per cell written in), ``y = x`` dashed."""
+def figure(n_segments: np.ndarray, n_classes: np.ndarray, title: str) -> Any:
+    """The joint histogram as a heat map (images per cell written in), ``y = x`` dashed across
+    the whole square of counts, integer ticks: a matplotlib ``Figure``."""
     from matplotlib.figure import Figure  # the OO API renders with Agg, no display needed
+    from matplotlib.ticker import MaxNLocator
 
     counts = joint_histogram(n_segments, n_classes)
     fig = Figure(figsize=(6, 5), layout="constrained")
@@ -75,14 +77,24 @@ def plot(n_segments: np.ndarray, n_classes: np.ndarray, path: Path, title: str) 
                 ax.text(
                     c, s, str(n), ha="center", va="center", fontsize=7, color="k" if light else "w"
                 )
+    # One square range for both counts, so the diagonal crosses every row and column of data.
     side = max(counts.shape)
-    ax.plot([0, side], [0, side], "--", color="grey", linewidth=1, label="segments = classes")
-    ax.set_xlim(-0.5, counts.shape[1] - 0.5)
-    ax.set_ylim(-0.5, counts.shape[0] - 0.5)
+    ends = [-0.5, side - 0.5]
+    ax.plot(ends, ends, "--", color="grey", linewidth=1, label="segments = classes")
+    ax.set_xlim(-0.5, side - 0.5)
+    ax.set_ylim(-0.5, side - 0.5)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("ground-truth classes per image")
     ax.set_ylabel("predicted segments per image")
     ax.legend(loc="upper left", fontsize="small")
     ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot(n_segments: np.ndarray, n_classes: np.ndarray, path: Path, title: str) -> None:
+    """:func:`figure` written to ``path`` (PNG)."""
+    fig = figure(n_segments, n_classes, title)
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
 

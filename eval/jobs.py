@@ -11,6 +11,9 @@ Imports neither torch nor the model: the parent process of a sweep loads it as a
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import shlex
 import sys
@@ -46,27 +49,39 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def record_failure(run_dir: Path, error: BaseException, overrides: Sequence[str]) -> Path:
-    """Append ``error`` with its traceback to ``run_dir/error.log`` and mark the run failed.
+def record_failure(run_dir: Path, error: BaseException, overrides: Sequence[str]) -> Path | None:
+    """Mark the run failed and append ``error`` with its traceback to ``run_dir/error.log``.
 
     ``run.json`` is written unless it holds a state this attempt did not start (finished or
     interrupted: e.g. a resume refused for other settings). A run that failed before it started
     (missing data) gets a ``run.json`` without settings, which a later run there replaces.
-    Returns the log's path.
+    On a full disk ``run.json`` is rewritten in place (an atomic write needs a new block) and the
+    log may be lost. Returns the log's path (None when it could not be written).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = read_json_or_none(run_dir / STATE_FILE) or {}
+    except (OSError, ValueError):  # not JSON (edited by hand; maybe the very error): left as is
+        state = None
+    if state is not None and state.get("status") in OVERWRITABLE:
+        fields = {"error": error_text(error), "overrides": list(overrides)}
+        try:
+            set_status(run_dir, "failed", **fields)
+        except OSError:
+            state = {k: v for k, v in state.items() if k != "error"}
+            with contextlib.suppress(OSError):
+                (run_dir / STATE_FILE).write_text(
+                    json.dumps({**state, "status": "failed", **fields}), encoding="utf-8"
+                )
     log = run_dir / ERROR_LOG
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"=== {stamp} python -m eval {shlex.join(overrides)}\n")
-        f.write("".join(traceback.format_exception(error)))
     try:
-        state = read_json_or_none(run_dir / STATE_FILE) or {}
-    except ValueError:  # not JSON (edited by hand; maybe the very error): left as it is
-        return log
-    if state.get("status") in OVERWRITABLE:
-        set_status(run_dir, "failed", error=error_text(error), overrides=list(overrides))
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"=== {stamp} python -m eval {shlex.join(overrides)}\n")
+            f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        return None
     return log
 
 
@@ -157,7 +172,14 @@ def fail(error: BaseException, log: Path | None = None) -> NoReturn:
     run's error.log; HYDRA_FULL_ERROR=1 raises it here)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"\nError: {error_text(error)}", file=sys.stderr)
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    advice = (
+        " (the disk is full: free space, or write elsewhere with DIFFSEG_HOME=PATH or "
+        "hydra.run.dir=PATH; finished images are kept for a resume)"
+        if full
+        else ""
+    )
+    print(f"\nError: {error_text(error)}{advice}", file=sys.stderr)
     hint = f"full traceback in {log}" if log else "set HYDRA_FULL_ERROR=1 for the full traceback"
     print(f"({hint})", file=sys.stderr)
     sys.exit(1)

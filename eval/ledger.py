@@ -21,7 +21,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from eval import home
+from eval import description, home
 from eval.atomic import write_csv_atomic
 
 LEDGER_VERSION = 2
@@ -197,9 +197,7 @@ def append_run(run_dir: str | os.PathLike, ledger: str | os.PathLike) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.ledger", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m eval.ledger", description=description(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("append", help="append a finished run's results.csv to the ledger")
     add.add_argument("run_dir", help="the run's folder (holds results.csv)")

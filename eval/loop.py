@@ -156,9 +156,11 @@ def save_qualitative(
     pred: torch.Tensor,
     class_names: Sequence[str],
     run_dir: Path,
+    segmenter: str,
 ) -> None:
     path = run_dir / "qualitative" / f"{safe_name(index, item['id'])}.png"
-    visualize.save_comparison(item["image"], item["label"], pred, path, class_names, item["id"])
+    title = f"{item['id']}: {segmenter}"
+    visualize.save_comparison(item["image"], item["label"], pred, path, class_names, title)
 
 
 def predict(
@@ -301,7 +303,13 @@ class Loop:
                 rec["seconds"] = seconds
                 if index < self.cfg.n_qualitative:
                     self.writer.submit(
-                        save_qualitative, index, item, pred, dataset.class_names, track.run_dir
+                        save_qualitative,
+                        index,
+                        item,
+                        pred,
+                        dataset.class_names,
+                        track.run_dir,
+                        track.call["name"],
                     )
                 track.metric.update(counts=rec)  # the counts the matching just made
                 new.append(rec)

@@ -88,6 +88,22 @@ def results_table(row: Mapping[str, Any], n_skipped: int) -> str:
     return to_markdown(pd.DataFrame([cells])).rstrip("\n")
 
 
+def comparison_table(outputs: Sequence[Outputs], keys: Sequence[str]) -> str:
+    """The segmenters of one run side by side (``keys``: their config keys, ``segmenter``,
+    ``segmenters.KEY``), accuracy and mIoU in %. img/s: the run's, every segmenter's time in it."""
+    rows = [
+        {
+            "segmenter": f"{key} ({out.results['segmenter']})",
+            "pixel acc %": _fmt(float(out.results["pixel_accuracy"]), 100),
+            "mIoU %": _fmt(float(out.results["miou"]), 100),
+            "segments/img": _fmt(float(out.results["mean_segments"]), 1, 1),
+            "img/s": _fmt(float(out.results["images_per_s"]), 1, 2),
+        }
+        for key, out in zip(keys, outputs, strict=True)
+    ]
+    return to_markdown(pd.DataFrame(rows)).rstrip("\n")
+
+
 def results_row(
     scored: Sequence[Mapping[str, Any]],
     skipped_ids: list[str],
@@ -155,7 +171,9 @@ def finish(
     per_image = [{k: r[k] for k in PER_IMAGE_COLUMNS} for r in scored]
     write_csv_atomic(run_dir / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
     write_csv_atomic(run_dir / "per_class.csv", per_class, PER_CLASS_COLUMNS)
-    title = f"{row['dataset']} / {row['model']}: mIoU {_fmt(row['miou'], 100)}%"
+    title = (
+        f"{row['dataset']} / {row['model']} / {row['segmenter']}: mIoU {_fmt(row['miou'], 100)}%"
+    )
     visualize.plot_class_iou(
         dataset.class_names, final["per_class_iou"].tolist(), run_dir / "per_class_iou.png", title
     )

@@ -142,13 +142,13 @@ def prepare(
 def compose_config(overrides: list[str]) -> DictConfig:
     """``conf/config.yaml`` with ``overrides``, resolved as ``python -m eval`` would see it.
 
-    The model and logger groups are left out: preparing data needs neither (the segmenter stays,
-    the defaults list chooses its tuned values by dataset)."""
+    The logger group is left out: preparing data needs none. The model stays (its config only, not
+    loaded): the defaults list chooses the segmenter's tuned values by dataset and model."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    drop = [f"~{g}" for g in ("model", "logger")]
+    drop = ["~logger"]
     drop = [d for d in drop if not any(o.lstrip("+~").startswith(d[1:]) for o in overrides)]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=[*drop, *overrides], return_hydra_config=True)

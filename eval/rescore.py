@@ -22,8 +22,8 @@ Context) stored the merged segments: its own rule is ``background_merge`` and ``
 is checked first: tables that no longer give the run's numbers (edited, corrupted) are refused,
 exit 1, before anything is written or appended (:func:`check_tables`).
 
-Each rule writes ``RUN_DIR/rescore/<rule>/results.csv`` and ``per_class.csv`` and appends a ledger
-row (``run_id`` ``<run>-rescore-<rule>``, ``rescored_from`` the run, ``scoring`` the rule; a rule
+Each rule writes ``RUN_DIR/rescore/<rule>/results.csv`` and ``per_class.csv``; each rule other
+than the run's own (whose numbers the run's row holds already) appends a ledger row (``run_id`` ``<run>-rescore-<rule>``, ``rescored_from`` the run, ``scoring`` the rule; a rule
 other than the published cell's is a deviation, so such a row never fills a cell). Also
 ``miou_things``/``miou_stuff`` where the dataset defines the split (``classes.THING_CLASSES``)
 and Boundary IoU where the segments are the stored ones.
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from eval import contingency, paper
+from eval import contingency, description, paper
 from eval import ledger as ledger_io
 from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
 from eval.columns import RESULT_COLUMNS
@@ -211,7 +211,7 @@ def comparison(run: Run, results: Mapping[str, Mapping[str, Any] | str]) -> str:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.rescore", description=__doc__.split("\n")[0]
+        prog="python -m eval.rescore", description=description(__doc__)
     )
     parser.add_argument("run_dir", help="a finished run's folder")
     parser.add_argument(
@@ -251,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             results[rule] = score(tables, run.rules, rule)
             rows.append(write(run, rule, results[rule]))
         if not args.no_ledger:
-            for row in rows:
+            # The run's own row already holds its own rule's numbers.
+            for row in [r for r in rows if r["scoring"] != run.rules.own]:
                 added = ledger_io.append(ledger, row)  # JSON columns as results.csv has them
                 state = "row added" if added else "row already there, not added again"
                 print(f"Ledger: {ledger} ({row['run_id']}: {state})")

@@ -10,6 +10,7 @@ them all and writes the outputs.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from eval.loggers import RunInfo, SegmenterLogger
 from eval.loop import Loop, Track
 from eval.metrics import HungarianIoU
 from eval.model import load_model
-from eval.outputs import Outputs, append_to_ledger, finish, print_summary
+from eval.outputs import Outputs, append_to_ledger, comparison_table, finish, print_summary
 from eval.protocol import Protocol, ProtocolData, check_dataset, check_resolution_pair, scoring
 from eval.runtime import RunError, resolve_device, seed_everything
 from eval.schema import check_run
@@ -43,8 +44,22 @@ def load_data(cfg: DictConfig, protocol: Protocol) -> Dataset:
     if protocol.transforms_data:
         dataset = ProtocolData(dataset, protocol, cfg.dataset.name)
     if len(dataset) == 0:
-        raise RunError(f"dataset {cfg.dataset.name} ({cfg.dataset.get('split')}) has no images")
+        raise RunError(empty_dataset_message(options))
     return dataset
+
+
+def empty_dataset_message(options: dict[str, Any]) -> str:
+    """One line for a dataset that loaded no image: where it looked and how to fill it."""
+    name, split, root = options["name"], options.get("split"), options.get("root")
+    source = options.get("source")
+    if root is None and source is None:  # generated: its own settings
+        return f"dataset {name} has no images: check its settings (conf/dataset/{name}.yaml)"
+    where = f"under dataset.root={root}" if source is None else f"in dataset.source={source}"
+    return (
+        f"dataset {name} (split {split}) has no images {where}: check dataset.root and "
+        f"dataset.split (the layout: README, Datasets), or fill it with python -m eval.prepare "
+        f"dataset={name} dataset.root={root}"
+    )
 
 
 def segmenter_calls(
@@ -206,7 +221,8 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
             for k, (track, rid, setting) in enumerate(zip(tracks, run_ids, settings, strict=True))
         ]
     except BaseException:
-        logger.finish(exit_code=1)
+        with contextlib.suppress(OSError):  # a full disk: the run's own error is the one to show
+            logger.finish(exit_code=1)
         raise
     logger.finish()
     # Last, so that a run failing anywhere before leaves no row.
@@ -215,4 +231,7 @@ def evaluate(cfg: DictConfig) -> Outputs | None:
     set_status(run_dir, "finished")
     for out in outputs:
         print_summary(out, cfg.save_predictions)
+    if extras:
+        keys = ["segmenter", *(f"segmenters.{key}" for key in extras)]
+        print("\nThe segmenters side by side:\n" + comparison_table(outputs, keys))
     return outputs[0]

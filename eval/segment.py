@@ -3,14 +3,20 @@
 Segments any images with DiffSeg and writes, per image, into the run directory
 (``outputs/segment/<time>_<model>/`` unless ``hydra.run.dir=...``):
 
-- ``<name>_labels.png``: the label map at ``resolution`` (pixel value = segment id, 0..K-1), an
-  8-bit palette PNG (colours for viewers, ids for ``np.array(Image.open(...))``) when K <= 256,
-  else 16-bit grey;
-- ``<name>_segments.png``: the centre-cropped, resized image beside the segments overlaid on it,
-  with their boundaries;
+- ``<name>_labels.png``: the label map (pixel value = segment id, 0..K-1), an 8-bit palette PNG
+  (colours for viewers, ids for ``np.array(Image.open(...))``) when K <= 256, else 16-bit grey;
+- ``<name>_segments.png``: the image beside the segments overlaid on it, with their boundaries;
 
-and prints the number of segments of each image. Images are centre-cropped to a square and resized
-exactly as the benchmark datasets are (``eval.datasets.base``).
+and prints the number of segments of each image. How an image reaches the model's square input
+(``fit=``):
+
+- ``pad`` (default): the whole image, at its own size. It is padded to a square by repeating its
+  edge pixels (centred), resized to ``resolution``; the labels are resized back (nearest) to the
+  padded square, the padding cut off, and the ids renumbered 0..K-1 (a segment only in the
+  padding is dropped). Every pixel is labelled; a very elongated image is seen at a low resolution
+  across its short side.
+- ``crop``: the central square resized to ``resolution``, exactly as the benchmark datasets are
+  (``eval.datasets.base``, the official protocol); the label map is ``resolution`` square.
 
 Every input is read before the model loads. A file named on the command line that is not a
 readable image stops the command (exit status 1); an unreadable image found in a folder is
@@ -23,12 +29,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from eval import CONFIG_DIR
 from eval.jobs import fail
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Hydra command-line flags that take the next argument as their value.
@@ -118,6 +129,49 @@ def readable_images(images: list[Path], named: Collection[Path]) -> tuple[list[P
     return good, skipped
 
 
+FITS = ("pad", "crop")
+
+
+def pad_to_square(image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Float ``(3, H, W)`` -> ``(3, S, S)`` with ``S = max(H, W)``, the image centred and its edge
+    pixels repeated around it; and ``(top, left)``, where the image lies in the square."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = (left, side - w - left, top, side - h - top)
+    return F.pad(image[None], pad, mode="replicate")[0], (top, left)
+
+
+def labels_for_image(
+    labels: torch.Tensor, side: int, corner: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Model labels ``(R, R)`` of a padded square back onto the image: resized (nearest) to the
+    square's ``side``, the ``size = (H, W)`` image at ``corner = (top, left)`` cut out, its ids
+    renumbered 0..K-1 in order. Returns int64 ``(H, W)``."""
+    import torch
+
+    from diffseg.preprocess import resize_label
+
+    (top, left), (h, w) = corner, size
+    square = resize_label(labels.long(), side)
+    ids = square[top : top + h, left : left + w]
+    return torch.unique(ids, return_inverse=True)[1]
+
+
+def model_input(image: np.ndarray, resolution: int, fit: str) -> tuple[torch.Tensor, Any]:
+    """uint8 ``(H, W, 3)`` -> float ``(3, R, R)`` for the model and what maps its labels back
+    (``None`` for ``crop``: the labels stay ``R`` square). See the module's ``fit=``."""
+    from diffseg.preprocess import channels_first, preprocess_image, resize_image
+
+    if fit == "crop":
+        return preprocess_image(image, resolution), None
+    square, corner = pad_to_square(channels_first(image).float() / 255.0)
+    back = (square.shape[-1], corner, image.shape[:2])
+    return resize_image(square, resolution).clamp_(0.0, 1.0), back
+
+
 def segment_images(
     cfg: DictConfig, images: list[Path], named: Collection[Path] = ()
 ) -> list[tuple[Path, int]]:
@@ -132,13 +186,17 @@ def segment_images(
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from diffseg.preprocess import preprocess_image
     from eval import visualize
     from eval.datasets.base import read_image
     from eval.model import load_model
     from eval.runtime import resolve_device, seed_everything
     from eval.segmenters import GT, segment_batch, segmenter_call
 
+    if cfg.fit not in FITS:
+        raise ValueError(
+            f"fit={cfg.fit}: use fit=pad (the whole image, at its size) or fit=crop (the central "
+            "square, as the benchmarks; conf/segment.yaml)"
+        )
     images, skipped = readable_images(images, named)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)
@@ -155,16 +213,18 @@ def segment_images(
 
     results, used = [], set()
     for path in images:
-        image = preprocess_image(read_image(path), cfg.resolution)
+        pixels = read_image(path)
+        image, back = model_input(pixels, cfg.resolution, cfg.fit)
         name = path.stem
         while name in used:  # same file name in two folders
             name += "_"
         used.add(name)
         labels = segment_batch(pipeline, image[None], [{"id": name}], call)[0].cpu()
+        if back is not None:
+            labels = labels_for_image(labels, *back)
         kind = visualize.save_label_png(labels, out_dir / f"{name}_labels.png")
-        visualize.save_segmentation(
-            visualize.to_uint8_image(image), labels, out_dir / f"{name}_segments.png"
-        )
+        shown = visualize.to_uint8_image(image) if back is None else pixels
+        visualize.save_segmentation(shown, labels, out_dir / f"{name}_segments.png")
         n = int(torch.unique(labels).numel())
         print(
             f"{path}: {visualize.segments_text(n)} -> {name}_labels.png ({kind}), "

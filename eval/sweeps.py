@@ -46,6 +46,15 @@ def _sweep_frame(ledger_path: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, dtype=str)
 
 
+# The ledger's mean segments per image (eval.columns).
+SEGMENTS = "mean_segments"
+
+
+def sweep_title(experiment: str, column: str) -> str:
+    """The sweep plot's title; runs without an experiment name are called so."""
+    return f"{experiment or 'runs without an experiment name'}: sweep of {column}"
+
+
 def plot_sweep(
     ledger_path: str | os.PathLike,
     param: str,
@@ -82,24 +91,28 @@ def plot_sweep(
         points["x"] = x if x is not None else points[column]
         for metric in METRICS:
             points[metric] = 100.0 * pd.to_numeric(points[metric])
-        fig = Figure(figsize=(10, 4), layout="constrained")
-        axes = fig.subplots(1, 2)
+        # Segments per image: what a merging setting moves, and what explains the scores' curve.
+        points[SEGMENTS] = pd.to_numeric(points.get(SEGMENTS, pd.Series(dtype=str)))
+        panels = {**{m: f"{label} (%)" for m, label in METRICS.items()}, SEGMENTS: "segments/img"}
+        fig = Figure(figsize=(14, 4), layout="constrained")
+        axes = fig.subplots(1, len(panels))
         for key, curve in points.groupby(keys, sort=True):
             curve = curve.sort_values("x")
             label = ", ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
-            for ax, metric in zip(axes, METRICS, strict=True):
+            for ax, metric in zip(axes, panels, strict=True):
                 ax.plot(curve["x"], curve[metric], "o-", label=label)
-        for ax, metric in zip(axes, METRICS, strict=True):
+        for ax, ylabel in zip(axes, panels.values(), strict=True):
             ax.set_xlabel(column)
-            ax.set_ylabel(f"{METRICS[metric]} (%)")
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize="small")
-        fig.suptitle(f"{name}: sweep of {column}")
+        fig.suptitle(sweep_title(name, column))
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"sweep_{name}_{column}")
         png, csv = out_dir / f"{stem}.png", out_dir / f"{stem}.csv"
         with atomic_open(png, "wb") as f:
             fig.savefig(f, format="png", dpi=120)
-        columns = ["experiment", *keys, column, *METRICS, "n_images", "run_id", "timestamp"]
+        columns = ["experiment", *keys, column, *METRICS, SEGMENTS, "n_images", "run_id"]
+        columns.append("timestamp")
         write_text_atomic(
             csv, points[[c for c in columns if c in points.columns]].to_csv(index=False)
         )

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from eval import PROJECT_ROOT, home, paper
+from eval import PROJECT_ROOT, description, home, paper
 from eval import ledger as ledger_io
 from eval.atomic import write_text_atomic
 
@@ -366,9 +366,7 @@ def _verify_gate(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.tables", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m eval.tables", description=description(__doc__))
     outputs = home() / "outputs"
     parser.add_argument("--ledger", default=str(outputs / "ledger.csv"), help="run ledger CSV")
     parser.add_argument("--out", default=str(outputs / "tables"), help="output folder")

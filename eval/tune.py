@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from eval import description
 from eval import ledger as ledger_io
 
 
@@ -71,7 +72,7 @@ def choose(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.tune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.tune", description=description(__doc__))
     parser.add_argument("--ledger", default="outputs/ledger.csv", help="run ledger CSV")
     parser.add_argument("--experiment", default="tune_kl", help="the tuning sweep's experiment")
     parser.add_argument("--metric", default="miou", choices=("miou", "pixel_accuracy"))

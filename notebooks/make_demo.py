@@ -31,11 +31,17 @@ image with your own.""",
         "code",
         """import sys
 import tempfile
+import warnings
 from pathlib import Path
+
+# tqdm's notebook bars (imported with diffusers) would ask for ipywidgets; no bar is shown here.
+warnings.filterwarnings("ignore", "IProgress not found")
 
 import matplotlib.pyplot as plt
 import torch
+from diffusers.utils import logging as diffusers_logging
 from IPython.display import Markdown, display
+from omegaconf import OmegaConf
 
 # Run from the repository root or from notebooks/.
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
@@ -48,9 +54,14 @@ from eval.metrics import HungarianIoU, image_scores
 from eval.visualize import colorize
 
 torch.manual_seed(0)
-RES = 128  # the toy model's input side; SD 1.4 uses 512""",
+RES = 128  # the toy model's input side; SD 1.4 uses 512
+# Loading the model's three local parts takes a second: no progress bar.
+diffusers_logging.disable_progress_bar()""",
     ),
-    ("md", "## An image\n\nA hard procedural scene (regions share colours, differ by texture) with exact masks."),
+    (
+        "md",
+        "## An image\n\nA hard procedural scene (regions share colours, differ by texture) with exact masks.",
+    ),
     (
         "code",
         """scenes = SyntheticScenes(length=2, resolution=RES, seed=7, noise=0.05, hard=True)
@@ -127,7 +138,8 @@ any threshold.)""",
     ),
     (
         "code",
-        """KL = (0.02, 0.02, 0.02)
+        """# Its own threshold, from the config `python -m eval model=tiny_trained` uses.
+KL = tuple(OmegaConf.load(ROOT / "conf/segmenter/tuned/model/diffseg_tiny_trained.yaml").kl_threshold)
 fig, axes = plt.subplots(1, 3, figsize=(8, 2.8))
 for n, ax in zip((1, 2, 3), axes):
     proposals = merge_attention(out.aggregated, KL[:n], num_points=8)[0]
@@ -168,7 +180,7 @@ print(image_scores(labels, item["label"], scenes.n_class))""",
 counts over the dataset. Every `python -m eval ...` run appends one row to `outputs/ledger.csv`;
 `eval.tables` turns the ledger into the paper tables. Here we score both scenes and write a row
 with the ledger's columns into a temporary ledger (the command line does the same, e.g.
-`make demo`, or `python -m eval model=tiny_trained dataset.hard=true ... logger=csv`).""",
+`make demo`, or `python -m eval model=tiny_trained dataset.hard=true logger=csv`).""",
     ),
     (
         "code",

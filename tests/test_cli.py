@@ -93,8 +93,30 @@ def test_help_describes_the_tool(tmp_path: Path) -> None:
         "segmenter:",
     ):
         assert group in out.stdout
-    assert "python -m eval dataset=synthetic model=tiny" in out.stdout  # an example
+    # The offline example uses the toy trained model (the random `tiny` gives one segment).
+    assert "python -m eval model=tiny_trained dataset.hard=true logger=csv" in out.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_make_demo_is_the_readmes_command_on_16_scenes_at_the_models_own_threshold() -> None:
+    from eval.prepare import compose_config
+
+    root = Path(harness.CONFIG_DIR).parent
+    recipe = (root / "Makefile").read_text().split("\ndemo:\n")[1].split("\n\n")[0]
+    args = shlex.split(recipe.replace("\\\n", " "))
+    overrides = args[args.index("eval") + 1 :]
+    readme = (root / "README.md").read_text()
+    quoted = readme.split("# = WANDB_MODE=offline python -m eval ")[1].split("\n```")[0]
+    assert shlex.split(quoted.replace("\\\n#", " ")) == overrides
+    assert not [o for o in overrides if "kl_threshold" in o]  # the model brings its own
+    cfg = compose_config(overrides)
+    assert cfg.dataset.length >= 16 and list(cfg.segmenter.kl_threshold) == [0.02] * 3
+
+
+def test_loading_the_model_stack_warns_of_nothing_a_user_can_act_on(tmp_path: Path) -> None:
+    out = run_module("diffseg.pipeline", tmp_path)  # imports diffusers and transformers
+    assert out.returncode == 0, out.stderr
+    assert "torchvision" not in out.stderr, out.stderr
 
 
 def test_default_paths_are_under_the_project_root_or_diffseg_home(monkeypatch) -> None:

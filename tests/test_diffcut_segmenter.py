@@ -137,6 +137,14 @@ def test_one_run_names_three_segmenters_each_row_as_its_run_alone(tmp_path: Path
     assert [r["segmenter"] for r in rows] == ["diffseg", "kmeans_c", "diffcut"]
     assert len({r["run_id"] for r in rows}) == 3
     assert json.loads(rows[2]["segmenter_settings"])["tau"] == 0.7
+    # It ends with one table of the three side by side.
+    table = multi.stdout[multi.stdout.index("The segmenters side by side:") :].splitlines()[1:]
+    header = [c.strip() for c in table[0].split("|")[1:-1]]
+    assert header == ["segmenter", "pixel acc %", "mIoU %", "segments/img", "img/s"]
+    names = [line.split("|")[1].strip() for line in table[2:]]
+    assert names == ["segmenter (diffseg)", "segmenters.kc (kmeans_c)", "segmenters.cut (diffcut)"]
+    assert f"{100 * float(rows[1]['miou']):.2f}" in table[3]
+
     # DiffCut on its own (its pass differs from the others'; test_one_pass_... checks the
     # labels of all three in process): the same records.
     one = run_module(
@@ -144,6 +152,16 @@ def test_one_run_names_three_segmenters_each_row_as_its_run_alone(tmp_path: Path
     )
     assert one.returncode == 0, one.stderr
     assert _records(tmp_path / "m" / "segmenters" / "cut") == _records(tmp_path / "a")
+
+
+def test_qualitative_pictures_name_their_segmenter(tmp_path: Path, monkeypatch) -> None:
+    from eval import loop, visualize
+
+    titles = []
+    monkeypatch.setattr(visualize, "save_comparison", lambda *args: titles.append(args[-1]))
+    item = {"id": "x", "image": None, "label": None}
+    loop.save_qualitative(0, item, None, [], tmp_path, "kmeans_c")
+    assert titles == ["x: kmeans_c"]
 
 
 def test_each_segmenter_is_logged_in_the_run_logger_under_its_key(tmp_path: Path) -> None:

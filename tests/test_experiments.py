@@ -127,6 +127,17 @@ def test_scalar_kl_is_broadcast_to_the_three_iterations() -> None:
     assert segmenter_call(segmenter, 512, 0)["kl_threshold"] == [0.7] * 3
 
 
+def test_a_model_carries_its_tuned_threshold_unless_one_is_set() -> None:
+    def kl(*overrides: str) -> list[float]:
+        return list(composed(*overrides).segmenter.kl_threshold)
+
+    assert kl("model=tiny_trained", "dataset.hard=true") == [0.02] * 3
+    assert kl("model=tiny_trained", "dataset=cityscapes") == [0.02] * 3  # the model's scale wins
+    assert kl("model=tiny_trained", "segmenter.kl_threshold=[0.5,0.5,0.5]") == [0.5] * 3
+    assert kl("model=tiny") == [1.1] * 3
+    assert kl("model=sd14", "dataset=cityscapes") == [0.9] * 3
+
+
 def test_kmeans_segmenters_compose() -> None:
     c = composed("segmenter=kmeans_c", "seed=3").segmenter
     s = composed("segmenter=kmeans_s").segmenter

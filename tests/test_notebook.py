@@ -41,6 +41,9 @@ def test_notebook_runs_offline(monkeypatch):
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    # No warning a reader cannot act on (IProgress: a progress bar without ipywidgets).
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    assert "IProgress" not in stderr and "torchvision" not in stderr, stderr
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # scene, attention, aggregation, iterations, proposals
     text = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)

@@ -190,3 +190,12 @@ def test_cli_composes_the_hydra_config(tmp_path, capsys):
     assert main(["dataset=synthetic"]) == 0
     assert main(["dataset=cityscapes", f"dataset.root={tmp_path}/cs"]) == 1
     assert "cityscapes-dataset.com/login" in capsys.readouterr().out
+
+
+def test_a_failed_download_says_where_to_put_the_file_by_hand(tmp_path, server):
+    from eval.download import download
+
+    dest = tmp_path / "data" / "downloads" / "gone.zip"
+    with pytest.raises(OSError, match="HTTP 404") as e:
+        download(server.url + "/gone.zip", dest, progress=False)
+    assert str(e.value).endswith(f"fetch it another way into {dest} and run the same command again")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,27 @@ def test_granularity_rates_and_histogram_by_hand():
     assert np.array_equal(joint, want)
 
 
+def test_granularity_heatmap_shows_the_diagonal_over_all_data_with_integer_ticks():
+    fig = granularity.figure(np.array([1, 1, 2]), np.array([4, 5, 5]), "t")
+    (ax,) = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    fig.canvas.draw()
+    # Data up to 5 classes and 2 segments: both axes reach 5, where the diagonal meets the data.
+    assert ax.get_xlim() == ax.get_ylim() == (-0.5, 5.5)
+    for ticks in (ax.get_xticks(), ax.get_yticks()):
+        shown = [t for t in ticks if -0.5 <= t <= 5.5]
+        assert all(float(t).is_integer() for t in shown), shown
+
+
+@pytest.mark.parametrize("module", ["eval.rescore", "eval.tables", "eval.ledger", "eval.tune"])
+def test_help_describes_the_command_in_whole_sentences(module):
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
+    )
+    usage_end = out.stdout.index("\n\n") + 2
+    text = " ".join(out.stdout[usage_end:].split("\n\n")[0].split())
+    assert text.endswith((".", ")", ":")), text
+
+
 def test_a_rule_other_than_the_cells_is_a_deviation():
     row = {
         "ledger_version": 2,
@@ -255,6 +278,8 @@ def test_rescoring_a_coco_stuff_run_reproduces_it_without_the_model(tmp_path):
     assert float(many["miou"]) > float(live["miou"])  # six segments, at most four classes
     with open(ledger, newline="") as f:
         rows = {r["run_id"]: r for r in csv.DictReader(f)}
+    # A row for each other rule; the run's own rule adds none (its row has those numbers).
+    assert set(rows) == {live["run_id"], f"{live['run_id']}-rescore-majority"}
     row = rows[f"{live['run_id']}-rescore-majority"]
     assert (row["rescored_from"], row["scoring"]) == (live["run_id"], "majority")
     assert "scoring=majority (published: hungarian)" in row["deviations"]

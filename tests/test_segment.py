@@ -8,11 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from eval import CONFIG_DIR
 from eval.datasets import DataFileError
-from eval.segment import group_options, list_images, readable_images, split_argv
+from eval.segment import (
+    group_options,
+    labels_for_image,
+    list_images,
+    model_input,
+    pad_to_square,
+    readable_images,
+    split_argv,
+)
 from tests.helpers import run_module
 
 
@@ -40,9 +49,9 @@ def test_segment_writes_label_map_and_picture_for_files_and_folders(tmp_path: Pa
     args = ["wide.png", "more", "model=tiny", "resolution=64", "segmenter.num_points=8"]
     proc = _run_segment(tmp_path, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("wide", "tall"):
+    for name, size in (("wide", (96, 64)), ("tall", (48, 80))):
         labels = Image.open(out_dir / f"{name}_labels.png")
-        assert labels.mode == "P" and labels.size == (64, 64)
+        assert labels.mode == "P" and labels.size == size  # the whole image, at its size
         values = np.unique(np.asarray(labels))
         match = re.search(
             rf"{name}\.\w+: (\d+) segments? -> {name}_labels\.png \(8-bit palette\)", proc.stdout
@@ -52,6 +61,29 @@ def test_segment_writes_label_map_and_picture_for_files_and_folders(tmp_path: Pa
         picture = Image.open(out_dir / f"{name}_segments.png")
         assert picture.size[0] > picture.size[1]  # image | overlay side by side
     assert not (out_dir / "notes_labels.png").exists()
+
+
+def test_pad_keeps_every_pixel_and_maps_labels_back_to_the_image() -> None:
+    image = torch.rand(3, 2, 5)
+    square, corner = pad_to_square(image)
+    assert square.shape == (3, 5, 5) and corner == (1, 0)
+    assert torch.equal(square[:, 1:3], image)  # the image, centred
+    assert torch.equal(square[:, 0], image[:, 0]) and torch.equal(square[:, 4], image[:, 1])
+    # Model labels of the square (10 x 10 for a 5-pixel side): 7 only in the padding rows.
+    labels = torch.full((10, 10), 7)
+    labels[2:6, :4], labels[2:6, 4:] = 3, 5
+    out = labels_for_image(labels, 5, corner, (2, 5))
+    assert out.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]  # ids renumbered 0..K-1
+
+
+def test_model_input_pads_by_default_and_crops_as_the_benchmarks_on_request() -> None:
+    from diffseg.preprocess import preprocess_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 300, 3), dtype=np.uint8)
+    padded, back = model_input(pixels, 64, "pad")
+    assert padded.shape == (3, 64, 64) and back == (300, (135, 0), (30, 300))
+    cropped, none = model_input(pixels, 64, "crop")
+    assert none is None and torch.equal(cropped, preprocess_image(pixels, 64))
 
 
 def test_split_argv_separates_paths_from_hydra_arguments(tmp_path: Path, monkeypatch) -> None:

@@ -19,7 +19,7 @@ from eval import ledger as ledger_io
 from eval import paper, record
 from eval.columns import RESULT_COLUMNS
 from eval.protocol import Protocol
-from eval.sweeps import plot_sweep
+from eval.sweeps import plot_sweep, sweep_title
 from eval.tables import (
     explain,
     main,
@@ -483,6 +483,19 @@ def test_sweep_plot_and_points(tmp_path):
         plot_sweep(ledger, "guidance", out)
     with pytest.raises(ValueError, match="vary 'timestep'"):
         plot_sweep(ledger, "timestep", out)
+
+
+def test_sweep_without_an_experiment_name_is_titled_and_shows_segments_per_image(tmp_path):
+    def kl_run(kl, miou, segments):
+        overrides = ("dataset=coco_stuff27", f"segmenter.kl_threshold={kl}")
+        return run(f"r{kl}", "2025-01-02T00:00:00", 0.5, miou, overrides, mean_segments=segments)
+
+    ledger = write_ledger(tmp_path / "ledger.csv", [kl_run(0.5, 0.2, 9.5), kl_run(1.1, 0.3, 4.0)])
+    (_, points) = plot_sweep(ledger, "kl_threshold", tmp_path)
+    assert pd.read_csv(points)["mean_segments"].tolist() == [9.5, 4.0]
+    assert sweep_title("", "kl_threshold") == (
+        "runs without an experiment name: sweep of kl_threshold"
+    )
 
 
 def test_cli_writes_every_format_and_no_temporary_files(ledger, tmp_path, capsys):

@@ -19,6 +19,19 @@ from eval.datasets.base import DataFileError, SplitSizeWarning, collate
 from eval.schema import NOT_LOADER_OPTIONS, given, validate
 
 
+def check_options(cfg: Mapping[str, Any]) -> tuple[Any, registry.DatasetSpec, dict[str, Any]]:
+    """``cfg.dataset`` (resolved, plain) checked against its dataset's registered schema, before
+    any file is read: ``(its _target_ loader or None, the dataset's spec, the checked values)``."""
+    loader = None
+    if cfg.get("_target_"):
+        from hydra.utils import get_method
+
+        loader = get_method(cfg["_target_"])  # importing its module registers the dataset
+    spec = registry.get(cfg.get("name"))
+    checked = validate(spec.schema, cfg, "dataset", f"{spec.name}: unknown dataset options")
+    return loader, spec, given(checked, cfg)
+
+
 def build(cfg: Mapping[str, Any]) -> Dataset:
     """The dataset a ``cfg.dataset`` mapping (resolved, plain) describes.
 
@@ -38,15 +51,8 @@ def build(cfg: Mapping[str, Any]) -> Dataset:
     of the files, ``columns`` mapping its column names, its download cache under
     ``cache_dir/hf`` (see ``eval.datasets.cache`` and ``eval.datasets.sources``).
     """
-    loader = None
-    if cfg.get("_target_"):
-        from hydra.utils import get_method
-
-        loader = get_method(cfg["_target_"])  # importing its module registers the dataset
-    spec = registry.get(cfg.get("name"))
+    loader, spec, values = check_options(cfg)
     name = spec.name
-    checked = validate(spec.schema, cfg, "dataset", f"{name}: unknown dataset options")
-    values = given(checked, cfg)
     options = {k: v for k, v in values.items() if k not in NOT_LOADER_OPTIONS}
     root, split, source = values.get("root"), values.get("split", "val"), values.get("source")
     resolution, columns = values.get("resolution", 512), values.get("columns")
@@ -90,4 +96,12 @@ def get_dataset(
     return build({"name": name, "root": root, "split": split, "resolution": resolution, **options})
 
 
-__all__ = ["DataFileError", "SplitSizeWarning", "build", "collate", "get_dataset", "registry"]
+__all__ = [
+    "DataFileError",
+    "SplitSizeWarning",
+    "build",
+    "check_options",
+    "collate",
+    "get_dataset",
+    "registry",
+]
