@@ -13,15 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from eval import granularity, paper, record, visualize
 from eval import ledger as ledger_io
 from eval.atomic import write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
-from eval.loop import compute_scores
-from eval.metrics import HungarianIoU
+from eval.metrics import HungarianIoU, compute_scores
 from eval.runtime import RunError
 from eval.state import now
 from eval.tables import to_markdown
@@ -117,7 +115,7 @@ def results_row(
 
 
 def finish(
-    cfg: DictConfig,
+    ledger: Path,
     dataset: Dataset,
     records: dict[int, dict[str, Any]],
     metric: HungarianIoU,
@@ -125,7 +123,7 @@ def finish(
     run: Mapping[str, Any],
 ) -> Outputs:
     """Write the run's tables and pictures (in ``run["run_dir"]``) and the logger's final
-    record; ``run`` as for :func:`results_row`."""
+    record; ``run`` as for :func:`results_row`; ``ledger``: the ledger the row is for."""
     run_dir = Path(run["run_dir"])
     ordered = [records[i] for i in sorted(records)]
     scored = [r for r in ordered if not r.get("skipped")]
@@ -163,7 +161,7 @@ def finish(
     write_csv_atomic(run_dir / "results.csv", [encoded], RESULT_COLUMNS)
     pictures = sorted((run_dir / "qualitative").glob("*.png"))
     logger.log_final(row, per_class, pictures)
-    return Outputs(run_dir, encoded, Path(cfg.paths.ledger), False, len(skipped_ids), len(pictures))
+    return Outputs(run_dir, encoded, ledger, False, len(skipped_ids), len(pictures))
 
 
 def append_to_ledger(outputs: Outputs) -> None:
