@@ -42,6 +42,11 @@ def set_status(run_dir: Path, status: str, **fields: Any) -> None:
     write_json_atomic(path, {**state, "status": status, **fields})
 
 
+def now() -> str:
+    """The time now (UTC, to the second) as ISO 8601: the runs' timestamps."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -57,9 +62,8 @@ def record_failure(run_dir: Path, error: BaseException, overrides: Sequence[str]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / ERROR_LOG
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with open(log, "a", encoding="utf-8") as f:
-        f.write(f"=== {stamp} python -m eval {shlex.join(overrides)}\n")
+        f.write(f"=== {now()} python -m eval {shlex.join(overrides)}\n")
         f.write("".join(traceback.format_exception(error)))
     try:
         state = read_json_or_none(run_dir / STATE_FILE) or {}

@@ -19,9 +19,9 @@ from eval import granularity, paper, record, visualize
 from eval import ledger as ledger_io
 from eval.atomic import write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
+from eval.jobs import now
 from eval.metrics import HungarianIoU, compute_scores
 from eval.runtime import RunError
-from eval.state import now
 from eval.tables import to_markdown
 
 

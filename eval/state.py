@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ from omegaconf import OmegaConf
 from eval import distributed
 from eval import ledger as ledger_io
 from eval.atomic import read_json_or_none, write_json_atomic, write_text_atomic
-from eval.jobs import set_status
+from eval.jobs import now, set_status
 from eval.runtime import RunError
 from eval.schema import NOT_SETTINGS
 
@@ -33,10 +32,6 @@ if TYPE_CHECKING:
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
 # do not change the labels.)
 PINNED_KEYS = ("protocol", "seed", "limit", "model")
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def check_writable(run_dir: Path, ledger: Path) -> None:
