@@ -3,8 +3,8 @@ model is touched; what every step below the recipe (``eval.run``) gets instead o
 
 :class:`RunPlan` holds the run's scalars (``eval.schema.RunSettings``), the protocol, the model
 input side, the resolved dataset, model, cache and logger settings, and one
-:class:`SegmenterPlan` per segmenter: the run's own (``segmenter``) and those of ``segmenters:``,
-in that order. Torch-free, like the checks it runs.
+:class:`SegmenterPlan` per segmenter: the run's own (``segmenter``) and those of ``segmenters:``
+(each found by its config key, not its place).
 """
 
 from __future__ import annotations
