@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -112,3 +113,8 @@ class JsonlAppender:
 
     def close(self) -> None:
         self._file.close()
+
+
+def blank_nan(value: Any) -> Any:
+    """nan (not applicable, not computable) as an empty CSV cell."""
+    return "" if isinstance(value, float) and math.isnan(value) else value

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+# The scores of a row and their short names in tables and plots.
+METRICS = {"pixel_accuracy": "Acc", "miou": "mIoU"}
+
 # How a run was made, besides its dataset: what tells sweep points apart. The full record of each
 # group's parameters is in the *_settings columns (JSON).
 SETTING_COLUMNS = (

@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from eval import contingency
-from eval.atomic import atomic_open, write_csv_atomic
-from eval.rescore import blank_nan
+from eval.atomic import atomic_open, blank_nan, write_csv_atomic
 from eval.rules import Rules, score
 
 COLUMNS = ("id", "n_segments", "n_gt_classes")

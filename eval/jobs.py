@@ -45,6 +45,11 @@ def set_status(run_dir: Path, status: str, **fields: Any) -> None:
     write_json_atomic(path, {**state, "status": status, **fields})
 
 
+def now() -> str:
+    """The time now (UTC, to the second) as ISO 8601: the runs' timestamps."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -75,7 +80,7 @@ def record_failure(run_dir: Path, error: BaseException, overrides: Sequence[str]
                     json.dumps({**state, "status": "failed", **fields}), encoding="utf-8"
                 )
     log = run_dir / ERROR_LOG
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = now()
     try:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"=== {stamp} python -m eval {shlex.join(overrides)}\n")

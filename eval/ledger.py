@@ -196,6 +196,21 @@ def append_run(run_dir: str | os.PathLike, ledger: str | os.PathLike) -> bool:
     return append(ledger, rows[0])
 
 
+def by_recency(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Ledger rows oldest first: by timestamp, ties (and unparsable times, first) in file
+    order."""
+    import pandas as pd  # only for the readers of the ledger, not for appending a row
+
+    times = pd.to_datetime(
+        pd.Series([r.get("timestamp", "") for r in rows], dtype=object),
+        errors="coerce",
+        utc=True,
+        format="ISO8601",
+    )
+    order = times.sort_values(kind="stable", na_position="first").index
+    return [rows[i] for i in order]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.ledger", description=description(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)

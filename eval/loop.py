@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import re
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -25,11 +23,15 @@ from eval import contingency, distributed, visualize
 from eval.atomic import JsonlAppender
 from eval.datasets.base import DataFileError
 from eval.matching import match_histogram
-from eval.metrics import HungarianIoU, scores_from_counts
+from eval.metrics import scores_from_counts
 from eval.protocol import Scoring
 from eval.runtime import RunError
 from eval.segmenters import segment_all
 from eval.writer import Writer
+
+if TYPE_CHECKING:
+    from eval.plan import RunPlan
+    from eval.tracks import Track, Tracks
 
 
 class IndexedItems(Dataset):
@@ -79,20 +81,6 @@ def restore_images(batch: dict[str, Any]) -> None:
     if batch["images"] is not None:
         for item, image in zip(batch["items"], batch["images"], strict=True):
             item["image"] = image
-
-
-def compute_scores(metric: HungarianIoU) -> dict[str, torch.Tensor]:
-    with warnings.catch_warnings():
-        # A rank with no images of its own (torchrun, more ranks than images) never updates.
-        warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-        return metric.compute()
-
-
-def running_scores(metric: HungarianIoU) -> dict[str, float]:
-    """This process's scores so far, read from the metric's states: ``compute()`` would cache
-    them, and a cached value outlives the states' reduction across ranks after the loop."""
-    scores = scores_from_counts(metric.tp, metric.fp, metric.fn, metric.total)
-    return {"pixel_accuracy": float(scores["pixel_accuracy"]), "miou": float(scores["miou"])}
 
 
 def item_id(dataset: Dataset, index: int) -> str:
@@ -194,30 +182,16 @@ def predict(
 
 
 @dataclass
-class Track:
-    """One segmenter of the run: its call settings, its folder (per-image log, predictions,
-    contingency tables, pictures), its metric, the records of its finished images and its key
-    (empty for the run's own segmenter, else its key under ``segmenters:``)."""
-
-    call: dict
-    run_dir: Path
-    metric: HungarianIoU
-    records: dict[int, dict[str, Any]] = field(default_factory=dict)
-    key: str = ""
-
-
-@dataclass
 class Loop:
-    """The loop's context: the run's config, its data, model, segmenters (``tracks``: the run's
-    own first, then those of ``segmenters:``, all fed by one UNet pass per batch and pass
-    setting) and logger; ``score`` is the protocol's scoring step (eval/protocol.py: size,
-    background, PAMR)."""
+    """The loop's context: the run's plan, its data, model, segmenters (``tracks``, all fed by
+    one UNet pass per batch and pass setting) and logger; ``score`` is the protocol's scoring
+    step (eval/protocol.py: size, background, PAMR)."""
 
-    cfg: DictConfig
+    plan: RunPlan
     dataset: Dataset
     pipeline: Any
     device: torch.device
-    tracks: list[Track]
+    tracks: Tracks
     logger: Any
     rank: distributed.Rank = distributed.SINGLE
     score: Scoring | None = None
@@ -225,12 +199,13 @@ class Loop:
 
     def run(self, todo: Sequence[int]) -> None:
         """Evaluate the images ``todo`` (those some track has not finished), adding their
-        records to each track's ``records`` and metric; the bar shows the first track's."""
-        cfg, rank, main = self.cfg, self.rank, self.tracks[0]
+        records to each track's ``records`` and metric; the bar shows the run's own
+        segmenter's."""
+        plan, rank, own = self.plan, self.rank, self.tracks.own
         loader = DataLoader(
             IndexedItems(self.dataset, todo),
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
+            batch_size=plan.batch_size,
+            num_workers=plan.num_workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
         )
@@ -239,12 +214,12 @@ class Loop:
             JsonlAppender(distributed.records_file(t.run_dir, rank.rank)) for t in self.tracks
         ]
         # Under torchrun only rank 0 shows a bar, for its own share (and the running metrics).
-        desc = str(cfg.dataset.name) + (
+        desc = str(plan.dataset_name) + (
             f" (rank 0 of {rank.world_size})" if rank.distributed else ""
         )
         bar = tqdm(
-            total=len(main.records) + len(todo),
-            initial=len(main.records),
+            total=len(own.records) + len(todo),
+            initial=len(own.records),
             desc=desc,
             unit="img",
             disable=not rank.is_main,
@@ -256,17 +231,12 @@ class Loop:
                 for track, appender, new in zip(self.tracks, appenders, news, strict=True):
                     self.writer.submit(appender.append, new)  # after the files they name
                     track.records.update({r["index"]: r for r in new})
-                running = running_scores(main.metric)
+                running = self.tracks.running()
                 bar.set_postfix(
                     acc=f"{running['pixel_accuracy']:.3f}", miou=f"{running['miou']:.3f}"
                 )
                 bar.update(len(batch["index"]) + len(batch["skipped"]))
-                extras = {
-                    f"{t.key}/{name}": value
-                    for t in self.tracks[1:]
-                    for name, value in running_scores(t.metric).items()
-                }
-                self.logger.log_running(len(main.records), {**running, **extras})
+                self.logger.log_running(len(own.records), running)
                 start = time.perf_counter()
         finally:
             bar.close()
@@ -290,9 +260,13 @@ class Loop:
         news = [[r for r in skipped if r["index"] not in t.records] for t in self.tracks]
         if not batch["items"]:
             return news
-        calls = [t.call for t in self.tracks]
         preds = predict(
-            self.pipeline, batch["items"], self.device, calls, self.cfg.batch_size, batch["images"]
+            self.pipeline,
+            batch["items"],
+            self.device,
+            self.tracks.calls,
+            self.plan.batch_size,
+            batch["images"],
         )
         # Wall time per image with data loading, every segmenter and the scoring, without the
         # pictures (all segmenters share the UNet pass, so it is not split between them).
@@ -301,7 +275,7 @@ class Loop:
         for track, new, records in zip(self.tracks, news, scored, strict=True):
             for index, item, pred, rec in records:
                 rec["seconds"] = seconds
-                if index < self.cfg.n_qualitative:
+                if index < self.plan.n_qualitative:
                     self.writer.submit(
                         save_qualitative,
                         index,
@@ -343,7 +317,7 @@ class Loop:
             score_item(i, item, contingency.pixel_counts(pred, item["label"], n_class), order)
             for i, item, pred in zip(index, items, preds, strict=True)
         ]
-        if self.cfg.save_predictions:
+        if self.plan.save_predictions:
             for rec, pred in zip(records, preds, strict=True):
                 rec["prediction"] = f"predictions/{safe_name(rec['index'], rec['id'])}.png"
                 self.writer.submit(

@@ -11,6 +11,7 @@ Here the per-image counts are sum-reduced states, so ``torchmetrics``' distribut
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,3 +142,17 @@ class HungarianIoU(Metric):
             "fn": fn,
             "total": total,
         }
+
+
+def compute_scores(metric: HungarianIoU) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        # A rank with no images of its own (torchrun, more ranks than images) never updates.
+        warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+        return metric.compute()
+
+
+def running_scores(metric: HungarianIoU) -> dict[str, float]:
+    """This process's scores so far, read from the metric's states: ``compute()`` would cache
+    them, and a cached value outlives the states' reduction across ranks after the loop."""
+    scores = scores_from_counts(metric.tp, metric.fp, metric.fn, metric.total)
+    return {"pixel_accuracy": float(scores["pixel_accuracy"]), "miou": float(scores["miou"])}

@@ -13,17 +13,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from eval import granularity, paper, record, visualize
 from eval import ledger as ledger_io
 from eval.atomic import write_csv_atomic
 from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
-from eval.loop import compute_scores
-from eval.metrics import HungarianIoU
+from eval.jobs import now
+from eval.metrics import HungarianIoU, compute_scores
 from eval.runtime import RunError
-from eval.state import now
 from eval.tables import to_markdown
 
 
@@ -88,8 +86,8 @@ def results_table(row: Mapping[str, Any], n_skipped: int) -> str:
     return to_markdown(pd.DataFrame([cells])).rstrip("\n")
 
 
-def comparison_table(outputs: Sequence[Outputs], keys: Sequence[str]) -> str:
-    """The segmenters of one run side by side (``keys``: their config keys, ``segmenter``,
+def comparison_table(outputs: Mapping[str, Outputs]) -> str:
+    """The segmenters of one run side by side (``outputs`` by config key, ``segmenter``,
     ``segmenters.KEY``), accuracy and mIoU in %. img/s: the run's, every segmenter's time in it."""
     rows = [
         {
@@ -99,7 +97,7 @@ def comparison_table(outputs: Sequence[Outputs], keys: Sequence[str]) -> str:
             "segments/img": _fmt(float(out.results["mean_segments"]), 1, 1),
             "img/s": _fmt(float(out.results["images_per_s"]), 1, 2),
         }
-        for key, out in zip(keys, outputs, strict=True)
+        for key, out in outputs.items()
     ]
     return to_markdown(pd.DataFrame(rows)).rstrip("\n")
 
@@ -133,7 +131,7 @@ def results_row(
 
 
 def finish(
-    cfg: DictConfig,
+    ledger: Path,
     dataset: Dataset,
     records: dict[int, dict[str, Any]],
     metric: HungarianIoU,
@@ -141,7 +139,7 @@ def finish(
     run: Mapping[str, Any],
 ) -> Outputs:
     """Write the run's tables and pictures (in ``run["run_dir"]``) and the logger's final
-    record; ``run`` as for :func:`results_row`."""
+    record; ``run`` as for :func:`results_row`; ``ledger``: the ledger the row is for."""
     run_dir = Path(run["run_dir"])
     ordered = [records[i] for i in sorted(records)]
     scored = [r for r in ordered if not r.get("skipped")]
@@ -181,7 +179,7 @@ def finish(
     write_csv_atomic(run_dir / "results.csv", [encoded], RESULT_COLUMNS)
     pictures = sorted((run_dir / "qualitative").glob("*.png"))
     logger.log_final(row, per_class, pictures)
-    return Outputs(run_dir, encoded, Path(cfg.paths.ledger), False, len(skipped_ids), len(pictures))
+    return Outputs(run_dir, encoded, ledger, False, len(skipped_ids), len(pictures))
 
 
 def append_to_ledger(outputs: Outputs) -> None:

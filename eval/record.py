@@ -102,25 +102,28 @@ def model_dtype(model: Mapping[str, Any], device: Any) -> str:
     return str(resolve_dtype(model.get("dtype"), device)).removeprefix("torch.")
 
 
-def settings(
+def settings(  # noqa: PLR0913 (the ledger's inputs; the segmenter's when checked)
     cfg: Mapping[str, Any],
     model_choice: str,
     protocol: Any,
     resolution: int,
     device: Any,
     split_size: int | None,
+    segmenter: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ledger's setting columns for the resolved config ``cfg`` (a plain dict).
 
     ``protocol``: the resolved :class:`eval.protocol.Protocol`; ``resolution``: the model input
     side; ``split_size``: the published size of the split (None when unknown). The segmenter's
     settings are recorded as its call gets them (``eval.segmenters.settings``: a scalar KL
-    threshold as its three values).
+    threshold as its three values); ``segmenter``: those settings when already checked
+    (``eval.plan.SegmenterPlan.settings``), else ``cfg["segmenter"]``'s are.
     """
-    from eval.segmenters import settings as segmenter_settings
+    if segmenter is None:
+        from eval.segmenters import settings as segmenter_settings
 
+        segmenter = segmenter_settings(cfg["segmenter"])
     model, dataset = cfg["model"], cfg["dataset"]
-    segmenter = segmenter_settings(cfg["segmenter"])
     cache = cfg.get("cache") or {}
     return {
         "experiment": cfg.get("experiment") or "",

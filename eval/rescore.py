@@ -45,7 +45,7 @@ import numpy as np
 
 from eval import contingency, description, paper
 from eval import ledger as ledger_io
-from eval.atomic import read_csv_rows, read_jsonl, write_csv_atomic
+from eval.atomic import blank_nan, read_csv_rows, read_jsonl, write_csv_atomic
 from eval.columns import RESULT_COLUMNS
 from eval.rules import (
     PER_CLASS_COLUMNS,
@@ -117,11 +117,6 @@ class Run:
         cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
         path = (cfg.get("paths") or {}).get("ledger")
         return Path(path) if path else None
-
-
-def blank_nan(value: Any) -> Any:
-    """nan (not applicable, not computable) as an empty CSV cell."""
-    return "" if isinstance(value, float) and math.isnan(value) else value
 
 
 def rescored_row(run: Run, rule: str, scores: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:

@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
-from datetime import datetime, timezone
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from eval import distributed
 from eval import ledger as ledger_io
 from eval.atomic import read_json_or_none, write_json_atomic, write_text_atomic
-from eval.jobs import set_status
+from eval.jobs import now, set_status
 from eval.record import weights_fingerprint
 from eval.runtime import RunError, RunRefused
 from eval.schema import NOT_SETTINGS
-from eval.segmenters import extra_segmenters
-from eval.segmenters import settings as segmenter_settings
+
+if TYPE_CHECKING:
+    from eval.plan import RunPlan
 
 # Settings that change the numbers: a resumed run must have the same ones, and the same dataset
 # settings except where the files are and where eval.prepare gets them. (Batch size and workers
@@ -42,10 +42,6 @@ PINNED_KEYS = ("protocol", "seed", "limit", "model")
 # Pinned values that can be unknown when a run starts: a hub model's snapshot before its download
 # (recorded as ""), learnt by the resume.
 LEARNT_ON_RESUME = ("weights",)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def check_writable(run_dir: Path, ledger: Path) -> None:
@@ -64,39 +60,33 @@ def check_writable(run_dir: Path, ledger: Path) -> None:
     ledger_io.check_writable(ledger)
 
 
-def pinned(cfg: DictConfig, device: torch.device, dataset: Any = None) -> dict[str, Any]:
+def pinned(plan: RunPlan, device: torch.device, dataset: Any = None) -> dict[str, Any]:
     """The settings and inputs a resumed run must share with the run it resumes (``dataset``:
     the loaded dataset, for its identity)."""
-    out = {
-        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-        for k in PINNED_KEYS
-    }
-    # The segmenter's normalised settings (a scalar KL threshold is [k, k, k]), as recorded.
-    out["segmenter"] = segmenter_settings(OmegaConf.to_container(cfg.segmenter, resolve=True))
-    extras = extra_segmenters(cfg.get("segmenters"))
-    if extras:  # absent without, as before
-        out["segmenters"] = {k: segmenter_settings(v) for k, v in extras.items()}
-    out["dataset"] = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-        if k not in NOT_SETTINGS
-    }
-    root = cfg.dataset.get("root")
+    out = {k: plan.config[k] for k in PINNED_KEYS}
+    # The segmenters' normalised settings (a scalar KL threshold is [k, k, k]), as recorded.
+    for segmenter in plan.segmenters:
+        if segmenter.own:
+            out["segmenter"] = segmenter.settings
+        else:  # "segmenters" absent without, as before
+            out.setdefault("segmenters", {})[segmenter.name] = segmenter.settings
+    out["dataset"] = {k: v for k, v in plan.dataset.items() if k not in NOT_SETTINGS}
+    root = plan.dataset.get("root")
     out["dataset_root"] = None if root is None else str(Path(root).expanduser().resolve())
     if dataset is not None:
         from eval.datasets.cache import identity
 
         out["dataset_identity"] = identity(dataset)
-    out["weights"] = weights_fingerprint(OmegaConf.to_container(cfg.model, resolve=True))
+    out["weights"] = weights_fingerprint(plan.model)
     out["device_type"] = device.type
-    if cfg.get("cache") and cfg.cache.attention:
+    if plan.cache is not None:
         # Segmenting stored (rounded) attention can change labels; absent when off, as before.
-        out["attention_cache"] = cfg.cache.dtype
+        out["attention_cache"] = plan.cache["dtype"]
     return out
 
 
 def open_run_state(
-    run_dir: Path, pinned: dict[str, Any], config: DictConfig | None = None
+    run_dir: Path, pinned: dict[str, Any], config: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Create ``run.json`` (run id + pinned settings) and ``config.yaml`` (the composed config,
     resolved) for a new run, or check the settings of the existing run on resume.
@@ -144,7 +134,7 @@ def resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_hydra_files(run_dir: Path, config: DictConfig | None) -> None:
+def write_hydra_files(run_dir: Path, config: Mapping[str, Any] | None) -> None:
     """Hydra's ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` of this launch (as
     Hydra writes them; nothing outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig
@@ -159,32 +149,28 @@ def write_hydra_files(run_dir: Path, config: DictConfig | None) -> None:
 
 
 def open_run(
-    cfg: DictConfig,
+    plan: RunPlan,
     device: torch.device,
     n_total: int,
     rank: distributed.Rank,
-    dirs: Sequence[Path] | None = None,
     dataset: Any = None,
-) -> tuple[str, list[dict[int, dict[str, Any]]], list[int]]:
-    """The run's id, per segmenter folder of ``dirs`` (default: the run folder alone; the run's
-    own first) the records of its finished images (rank 0; other ranks: none), and this rank's
-    share of the images some segmenter has still to do; ``dataset``: the loaded dataset, whose
-    identity a resume checks.
+) -> tuple[str, dict[str, dict[int, dict[str, Any]]], list[int]]:
+    """The run's id, per segmenter of the plan (by config key) the records of its finished
+    images (rank 0; other ranks: none), and this rank's share of the images some segmenter has
+    still to do; ``dataset``: the loaded dataset, whose identity a resume checks.
 
     Rank 0 reads (and repairs) the per-image logs before any rank appends, so all ranks split the
     same list of images still to do.
     """
-    run_dir = Path(cfg.paths.output_dir)
-    dirs = [run_dir] if dirs is None else list(dirs)
 
-    def open_on_main() -> tuple[str, list[dict[int, dict[str, Any]]]]:
-        run_id = open_run_state(run_dir, pinned(cfg, device, dataset), cfg)["run_id"]
-        return run_id, [distributed.read_records(d, n_total) for d in dirs]
+    def open_on_main() -> tuple[str, dict[str, dict[int, dict[str, Any]]]]:
+        run_id = open_run_state(plan.run_dir, pinned(plan, device, dataset), plan.config)["run_id"]
+        return run_id, {s.key: distributed.read_records(s.folder, n_total) for s in plan.segmenters}
 
     run_id, records = distributed.on_main(open_on_main, rank)
     todo = distributed.shard(
-        [i for i in range(n_total) if any(i not in done for done in records)],
+        [i for i in range(n_total) if any(i not in done for done in records.values())],
         rank.rank,
         rank.world_size,
     )
-    return run_id, records if rank.is_main else [{} for _ in dirs], todo
+    return run_id, records if rank.is_main else {s.key: {} for s in plan.segmenters}, todo

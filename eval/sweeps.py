@@ -15,8 +15,8 @@ import pandas as pd
 
 from eval import ledger as ledger_io
 from eval.atomic import atomic_open, write_text_atomic
-from eval.columns import SETTING_COLUMNS
-from eval.tables import METRICS, by_recency
+from eval.columns import METRICS, SETTING_COLUMNS
+from eval.ledger import by_recency
 
 
 def _sweep_axis(values: pd.Series) -> pd.Series | None:

@@ -32,9 +32,10 @@ from omegaconf import OmegaConf
 from eval import PROJECT_ROOT, description, home, paper
 from eval import ledger as ledger_io
 from eval.atomic import write_text_atomic
+from eval.columns import METRICS
+from eval.ledger import by_recency
 
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
-METRICS = {"pixel_accuracy": "Acc", "miou": "mIoU"}
 NOT_PUBLISHED = "—"
 NOT_RUN = "not run"
 _TEXT_COLUMNS = {"Method", "Dataset", "Source"}  # left-aligned; the others hold numbers
@@ -65,18 +66,6 @@ def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
 def read_published(path: str | os.PathLike = PUBLISHED_CSV) -> pd.DataFrame:
     """Published numbers (percent): columns ``table, method, dataset, metric, value, source``."""
     return pd.read_csv(path, dtype={"value": float})
-
-
-def by_recency(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Oldest first: by timestamp, ties (and unparsable times, first) in file order."""
-    times = pd.to_datetime(
-        pd.Series([r.get("timestamp", "") for r in rows], dtype=object),
-        errors="coerce",
-        utc=True,
-        format="ISO8601",
-    )
-    order = times.sort_values(kind="stable", na_position="first").index
-    return [rows[i] for i in order]
 
 
 def _only_experiments(

@@ -238,13 +238,15 @@ def test_a_diffcut_run_behind_the_cache_runs_the_unet_once(tmp_path: Path) -> No
 def test_diffcut_labels_are_made_at_the_protocols_scoring_size(pipe, images) -> None:
     # DiffCut's code upsamples its features straight to the scoring size (128); labels made at
     # the input side and then subsampled take other pixels' assignments.
+    from eval.plan import plan_segmenter
     from eval.protocol import Protocol, Scoring
-    from eval.run import segmenter_calls
 
     diffseg = {"name": "diffseg", "timestep": 300, "kl_threshold": [1.1] * 3, "num_points": 8}
     cut = OmegaConf.to_container(OmegaConf.load(CONFIG))
-    by_key = {"segmenter": cut, "segmenters.s": diffseg}
-    cut_call, seg_call = segmenter_calls(by_key, 128, seed=0, score_resolution=32)
+    cut_call, seg_call = (
+        plan_segmenter(key, config, Path("x"), 128, seed=0, score_resolution=32).call
+        for key, config in (("segmenter", cut), ("segmenters.s", diffseg))
+    )
     assert cut_call["score_resolution"] == 32 and "score_resolution" not in seg_call
     labels = segment_batch(pipe, images, [{"id": "a"}, {"id": "b"}], cut_call)
     features = pipe.unet_pass(images, replace(CUT, resolution=128)).features

@@ -138,14 +138,29 @@ def segmenter_call(
     ``seed`` (the run's) is used unless the segmenter config sets its own. ``where``: the config
     key of the segmenter (``segmenters.KEY`` for an added one), named by any error.
     """
+    checked = check(segmenter, resolution, where, scale_factor)
+    return {"seed": seed, **given(checked, segmenter), "resolution": resolution}
+
+
+def check(
+    segmenter: Mapping[str, Any] | SegmenterSettings,
+    resolution: int,
+    where: str = "segmenter",
+    scale_factor: int = 8,
+) -> SegmenterSettings:
+    """``cfg.segmenter`` (a plain dict) checked against its schema and the input side (the
+    checked settings); given checked settings, only the checks for the input side and
+    ``scale_factor`` (once the model is loaded). Errors as :func:`segmenter_call`'s."""
+    given_checked = isinstance(segmenter, SegmenterSettings)
+    name = segmenter.name if given_checked else segmenter.get("name")
     try:
-        checked = _checked(segmenter)
+        checked = segmenter if given_checked else _checked(segmenter)
         checked.check(resolution, scale_factor)
     except ValueError as e:
         if where == "segmenter":
             raise
-        raise ValueError(f"{where} (segmenter={segmenter.get('name')}): {e}") from None
-    return {"seed": seed, **given(checked, segmenter), "resolution": resolution}
+        raise ValueError(f"{where} (segmenter={name}): {e}") from None
+    return checked
 
 
 # Sub-folder of a run holding the folders of its `segmenters:` (one each, named by its key).
