@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from diffseg.passes import PassSettings
 from diffseg.pipeline import DiffSegPipeline
 from diffseg.reference import realistic_attention
 from eval.atomic import read_csv_rows
@@ -26,6 +27,7 @@ from tests.helpers import run_module
 
 RES = 64
 CALL = {"resolution": RES, "num_points": 4}
+PASS = PassSettings(resolution=RES)  # the pass of CALL
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +152,8 @@ def test_a_bad_entry_is_reported_once_and_computed_again(tmp_path, images, capsy
     calls = _count_unet_calls(pipe)
     first = _wrap(pipe, tmp_path)
     labels = first(images[:2], **CALL)
-    passes = first.unet_pass(images[:2], resolution=RES)
-    paths = [first.cache.path(first.cache.key(image_hash(im), _settings())) for im in images[:2]]
+    passes = first.unet_pass(images[:2], PASS)
+    paths = [first.cache.path(first.cache.key(image_hash(im), PASS.key())) for im in images[:2]]
     assert all(p.is_file() for p in paths) and calls[0] == 1
     if fault == "flipped":
         _flip_bytes(paths[0])
@@ -175,14 +177,10 @@ def test_a_bad_entry_is_reported_once_and_computed_again(tmp_path, images, capsy
     assert f"{bad} bad entries among them replaced" in second.cache.summary()
     # Replaced by good entries: a third run reads both.
     third = _wrap(pipe, tmp_path)
-    again = third.unet_pass(images[:2], resolution=RES)
+    again = third.unet_pass(images[:2], PASS)
     assert (third.cache.hits, third.cache.bad) == (2, 0)
     for r in passes.attention:
         assert torch.equal(again.attention[r], passes.attention[r])
-
-
-def _settings() -> dict:
-    return {"timestep": 300, "resolution": RES, "prompt": "", "noise": False, "seed": None}
 
 
 def test_key_covers_the_weights_at_a_model_path(tmp_path, monkeypatch) -> None:
@@ -203,7 +201,7 @@ def test_key_covers_the_weights_at_a_model_path(tmp_path, monkeypatch) -> None:
     after = context(cfg, torch.device("cpu"), torch.float32)
     assert after["model"] == before["model"] and after["weights"] != before["weights"]
     h = image_hash(torch.zeros(3, 8, 8))
-    keys = [AttentionCache("unused", c).key(h, _settings()) for c in (before, after)]
+    keys = [AttentionCache("unused", c).key(h, PASS.key()) for c in (before, after)]
     assert keys[0] != keys[1]
 
 

@@ -240,7 +240,7 @@ def test_kmeans_empty_cluster_is_dropped():
         (-torch.rand(1, 4, 4, 4, 4), {}, "negative"),
         (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": (1.1, 0.0)}, "positive"),
         (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": (-1.0,)}, "positive"),
-        (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": ()}, "at least one"),
+        (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": ()}, "one or more values"),
         (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": 1.1}, "sequence"),
         (torch.rand(1, 4, 4, 4, 4), {"num_points": 1}, "num_points"),
         (torch.rand(1, 4, 4, 4, 4), {"num_points": 5}, r"num_points must be an int in \[2, S=4\]"),

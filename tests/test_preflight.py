@@ -113,10 +113,10 @@ def test_check_config_accepts_every_experiment_and_the_defaults(
 def test_an_empty_dataset_folder_names_the_root_the_layout_and_the_fix(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from omegaconf import OmegaConf
+    from omegaconf import open_dict
 
+    from eval.plan import plan_run
     from eval.prepare import compose_config
-    from eval.protocol import Protocol
     from eval.run import load_data
     from eval.runtime import RunError
 
@@ -124,10 +124,11 @@ def test_an_empty_dataset_folder_names_the_root_the_layout_and_the_fix(
     for folder in ("leftImg8bit/val", "gtFine/val"):
         (root / folder).mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    cfg = compose_config(["dataset=cityscapes", f"dataset.root={root}"])
-    protocol = Protocol.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))
+    cfg = compose_config(["dataset=cityscapes", f"dataset.root={root}", "logger=csv"])
+    with open_dict(cfg):
+        del cfg["hydra"]  # as python -m eval gets it
     with pytest.warns(UserWarning), pytest.raises(RunError) as e:
-        load_data(cfg, protocol)
+        load_data(plan_run(cfg, {}))
     assert str(e.value) == (
         f"dataset cityscapes (split val) has no images under dataset.root={root}: check "
         "dataset.root and dataset.split (the layout: README, Datasets), or fill it with "
