@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from timing import timed
 
 from eval import description
-from eval.attention_cache import (
+from eval.models.attention_cache import (
     AttentionCache,
     CachedAttentionPipeline,
     bytes_per_image,

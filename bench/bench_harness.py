@@ -39,9 +39,11 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval import contingency, loop, visualize
-from eval.matching import match_per_image
-from eval.metrics import HungarianIoU
+from eval import loop
+from eval.results import visualize
+from eval.scoring import contingency
+from eval.scoring.matching import match_per_image
+from eval.scoring.metrics import HungarianIoU
 
 N_CLASS = 27
 RESOLUTION = 512

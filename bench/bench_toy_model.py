@@ -1,6 +1,6 @@
 """Does a trained toy model earn its place? DiffSeg on it versus the random tiny model and baselines.
 
-On held-out hard synthetic scenes (``eval.train_toy.hard_scenes``, seeds other than training's),
+On held-out hard synthetic scenes (``eval.tools.train_toy.hard_scenes``, seeds other than training's),
 with the project's scoring (per-image Hungarian matching, counts summed: ``HungarianIoU``):
 
 - DiffSeg on the trained model and on the random ``model=tiny``, each at its own KL threshold
@@ -26,8 +26,8 @@ from diffseg.kmeans import kmeans_segment, pixel_kmeans_segment
 from diffseg.merge import segment_attention
 from diffseg.pipeline import DiffSegPipeline
 from eval import description
-from eval.metrics import HungarianIoU
-from eval.train_toy import hard_scenes
+from eval.scoring.metrics import HungarianIoU
+from eval.tools.train_toy import hard_scenes
 
 THRESHOLDS = (0.0003, 0.001, 0.003, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3, 0.5, 1.1)
 TIMESTEP = 300
@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tune-images", type=int, default=16, help="training scenes for the KL")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--num-points", type=int, default=16)
-    parser.add_argument("--train-seed", type=int, default=100, help="eval.train_toy's --data-seed")
+    parser.add_argument(
+        "--train-seed", type=int, default=100, help="eval.tools.train_toy's --data-seed"
+    )
     parser.add_argument("--seed", type=int, default=7, help="held-out scenes' seed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

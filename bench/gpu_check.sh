@@ -17,7 +17,7 @@
 #   nccl     torchrun over all GPUs (NCCL) on the tiny model; results.csv lands in $OUT. ~1 min.
 #   compile  bench_pipeline.py --compile (inductor) at batch 8; compiling takes minutes.
 #   sdxl     the SDXL-shaped tiny model in fp16 on CUDA (VAE upcast, CUDA noise draw) with DiffSeg,
-#            K-Means-C and DiffCut in one run, tests/test_passes.py (DiffCut's pass in float16
+#            K-Means-C and DiffCut in one run, tests/diffseg/test_passes.py (DiffCut's pass in float16
 #            under autocast against a transcription of its code), and bench_segmenters.py (shared
 #            UNet passes against a pass each; DiffCut's pass with and without DiffSeg's capture)
 #            on the SD 1.4 config at 512, batch 4. ~2 min.
@@ -102,7 +102,7 @@ for stage in "${stages[@]}"; do
             +segmenter@segmenters.kmeans_c=kmeans_c +segmenter@segmenters.diffcut=diffcut \
             logger=csv "hydra.run.dir=$run" "paths.ledger=$run/ledger.csv" 2>&1 | tee "$OUT/sdxl.log"
         cp "$run/ledger.csv" "$OUT/sdxl_ledger.csv"
-        $PY -m pytest -q tests/test_passes.py 2>&1 | tee "$OUT/passes.log"
+        $PY -m pytest -q tests/diffseg/test_passes.py 2>&1 | tee "$OUT/passes.log"
         (cd bench && $PY bench_segmenters.py --device cuda --resolution 512 --batch 4 \
             --repeats 3 --append "../$OUT/RESULTS.md")
         ;;

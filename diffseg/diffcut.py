@@ -64,7 +64,7 @@ DiffCut's defaults (``eval_diffcut.py``, ``diffcut.ipynb``): ``tau=0.5``, ``alph
 a 1024x1024 input (32x32 nodes) at timestep 50, labels produced directly at 128x128 for scoring
 (``out_size``; ``eval.segmenters.diffcut`` passes the protocol's scoring side).
 Not here: the feature extraction (:mod:`diffseg.features`), PAMR (:mod:`diffseg.pamr`, applied by
-``eval.protocol``) and ``diffcut/autosc.py`` (``DiffCut_AutoSC``, used by no script of the
+``eval.scoring.protocol``) and ``diffcut/autosc.py`` (``DiffCut_AutoSC``, used by no script of the
 repository): its eigengap search keeps the number of clusters of the best ``alpha`` but slices the
 eigenvectors of the last ``alpha`` tried (15), and leaves the count undefined when no gap is
 positive, so it is left out.

@@ -5,7 +5,7 @@ A pass of a batch depends on its images and on its settings only: the input side
 `timestep` the UNet runs at (and the latents are noised to), the `prompt`, whether to add `noise`
 and its `seed`, and the `numerics`. The seed counts only with noise: without, it is normalised to
 None, so settings that give the same pass are equal, hash alike (the shared pass's memo) and have
-one cache key (`eval.attention_cache`).
+one cache key (`eval.models.attention_cache`).
 
 Numerics (:data:`NUMERICS`), which matter only for a pipeline in float16 or bfloat16:
 

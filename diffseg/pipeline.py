@@ -329,7 +329,7 @@ class DiffSegPipeline(DiffusionPipeline, AttentionSegmenter):
         so the attention is the same as without them).
 
         The one step that runs the model; `attention`, `aggregate` and `__call__` build on it, so
-        a `diffseg.segmenter.PassSource` with its own `unet_pass` (e.g. `eval.attention_cache`)
+        a `diffseg.segmenter.PassSource` with its own `unet_pass` (e.g. `eval.models.attention_cache`)
         changes where the passes come from.
         """
         self.check_resolution(settings.resolution)

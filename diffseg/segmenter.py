@@ -2,7 +2,7 @@
 (`diffseg.merge`), on whatever gives the per-resolution self-attention of a batch.
 
 `DiffSegPipeline` runs the model for it; `PassSource` subclasses take the passes from elsewhere
-(`eval.attention_cache.CachedAttentionPipeline` reads stored maps). All inherit `attention`,
+(`eval.models.attention_cache.CachedAttentionPipeline` reads stored maps). All inherit `attention`,
 `aggregate` and `__call__` from `AttentionSegmenter`, so they segment the same way; a pass's
 settings are one `diffseg.passes.PassSettings`.
 """

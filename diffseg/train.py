@@ -5,7 +5,7 @@ UNet on the frozen VAE's latents with SD's objective (epsilon prediction under t
 noise schedule of `diffseg.models.sd14_scheduler_config`, timesteps uniform over 0..999) and the
 empty-prompt embedding of the tiny text encoder as its only condition. Every random draw comes
 from one seeded `torch.Generator`, and the number of steps is fixed, so a run is reproducible on
-one device. The images are given as a tensor; `eval.train_toy` is the command that draws them.
+one device. The images are given as a tensor; `eval.tools.train_toy` is the command that draws them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evaluation harness for DiffSeg: datasets, the official Hungarian scoring, runs and paper tables.
 
-Sub-modules are imported on demand (``eval.matching``, ``eval.metrics``, ``eval.tables``...), so
+Sub-modules are imported on demand (``eval.scoring.matching``, ``eval.scoring.metrics``, ``eval.report.tables``...), so
 importing the package itself stays cheap and pulls in neither torch nor pandas.
 
 ``${diffseg_home:}`` in ``conf/*.yaml`` is :func:`home`: default paths (``data/``, ``outputs/``)

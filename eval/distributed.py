@@ -224,7 +224,7 @@ def sync_metric(metric: Any, rank: Rank) -> None:
     if not rank.distributed:
         return
     # compute() must not have run before (it caches): the loop reads running scores from the
-    # states (eval.metrics.running_scores).
+    # states (eval.scoring.metrics.running_scores).
     metric.sync(should_sync=True, distributed_available=lambda: True)
 
 

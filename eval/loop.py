@@ -19,13 +19,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffseg.preprocess import resize_label
-from eval import contingency, distributed, visualize
+from eval import distributed
 from eval.atomic import JsonlAppender
 from eval.datasets.base import DataFileError
-from eval.matching import match_histogram
-from eval.metrics import scores_from_counts
-from eval.protocol import Scoring
+from eval.results import visualize
 from eval.runtime import RunError
+from eval.scoring import contingency
+from eval.scoring.matching import match_histogram
+from eval.scoring.metrics import scores_from_counts
+from eval.scoring.protocol import Scoring
 from eval.segmenters import segment_all
 from eval.writer import Writer
 
@@ -185,7 +187,7 @@ def predict(
 class Loop:
     """The loop's context: the run's plan, its data, model, segmenters (``tracks``, all fed by
     one UNet pass per batch and pass setting) and logger; ``score`` is the protocol's scoring
-    step (eval/protocol.py: size, background, PAMR)."""
+    step (eval/scoring/protocol.py: size, background, PAMR)."""
 
     plan: RunPlan
     dataset: Dataset
@@ -323,7 +325,7 @@ class Loop:
                 self.writer.submit(
                     visualize.save_label_png, pred, track.run_dir / rec["prediction"]
                 )
-        # The part eval.rescore and the granularity read: computed (the boundary bands are most
+        # The part eval.analysis.rescore and the granularity read: computed (the boundary bands are most
         # of the work) and written by the writer, before the records that name it.
         part = contingency.part_name(self.rank.rank, min(index))
         labels = [item["label"] for item in items]

@@ -15,14 +15,15 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from eval import granularity, paper, record, visualize
-from eval import ledger as ledger_io
 from eval.atomic import write_csv_atomic
-from eval.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.jobs import now
-from eval.metrics import HungarianIoU, compute_scores
+from eval.report.tables import to_markdown
+from eval.results import ledger as ledger_io
+from eval.results import paper, record, visualize
+from eval.results.columns import PER_CLASS_COLUMNS, PER_IMAGE_COLUMNS, RESULT_COLUMNS
 from eval.runtime import RunError
-from eval.tables import to_markdown
+from eval.scoring import granularity
+from eval.scoring.metrics import HungarianIoU, compute_scores
 
 
 @dataclass
@@ -59,7 +60,9 @@ def print_summary(out: Outputs, save_predictions: bool) -> None:
         "  tables:      results.csv, per_class.csv, per_image.csv (per-image log: per_image.jsonl)"
     )
     print(f"  pictures:    per_class_iou.png, qualitative/ ({out.n_pictures} images)")
-    print("  rescoring:   contingency/ (python -m eval.rescore RUN_DIR), granularity.csv/.png")
+    print(
+        "  rescoring:   contingency/ (python -m eval.analysis.rescore RUN_DIR), granularity.csv/.png"
+    )
     if save_predictions:
         print("  predictions: predictions/ (label PNGs: 8-bit palette, 16-bit grey above 255)")
     state = "row added" if out.ledger_added else "row already there, not added again"
@@ -109,7 +112,7 @@ def results_row(
     run: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The results row: ``run`` (run_id, run_dir, device and the settings of
-    :func:`eval.record.settings`), the scores, the images (``scored``: their records) and
+    :func:`eval.results.record.settings`), the scores, the images (``scored``: their records) and
     provenance."""
     seconds = float(sum(r["seconds"] for r in scored))
     row = {

@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from eval.protocol import Protocol, check_resolution_pair
 from eval.schema import check_run, given
+from eval.scoring.protocol import Protocol, check_resolution_pair
 from eval.segmenters import EXTRA_DIR, extra_segmenters
 from eval.segmenters import get as get_spec
 from eval.segmenters.registry import SegmenterSettings, check

@@ -111,8 +111,8 @@ def check_config(cfg: DictConfig) -> None:
     check_keys(cfg)
     check_run(cfg)
     from eval.datasets import check_options
-    from eval.protocol import Protocol, check_dataset, check_resolution_pair
     from eval.runtime import resolve_device
+    from eval.scoring.protocol import Protocol, check_dataset, check_resolution_pair
     from eval.segmenters import extra_segmenters, segmenter_call
 
     protocol = Protocol.from_config(OmegaConf.to_container(cfg.protocol, resolve=True))

@@ -1,7 +1,7 @@
 """The evaluation run behind ``python -m eval``, as a recipe: check the settings once into a plan
 (``eval.plan``), load the data, open (or resume) the run, load the model, loop over the images
 (``eval.loop``), write each segmenter's outputs (``eval.tracks``, ``eval.outputs``) and append
-the ledger rows (``eval.ledger``). Nothing below the recipe reads the config: it gets the plan.
+the ledger rows (``eval.results.ledger``). Nothing below the recipe reads the config: it gets the plan.
 
 Errors that stop the run (missing data, a model that cannot be loaded, out of memory) leave no
 ledger row; finished images stay in ``per_image.jsonl`` for a resume (``eval.state``). Under
@@ -19,15 +19,17 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from eval import attention_cache, distributed, record
+from eval import distributed
 from eval.jobs import set_status
-from eval.loggers import RunInfo
 from eval.loop import Loop
-from eval.model import load_model
+from eval.models import attention_cache
+from eval.models.model import load_model
 from eval.outputs import Outputs, append_to_ledger, comparison_table, print_summary
 from eval.plan import RunPlan, plan_run
-from eval.protocol import ProtocolData, check_dataset, scoring
+from eval.results import record
+from eval.results.loggers import RunInfo
 from eval.runtime import RunError, resolve_device, seed_everything
+from eval.scoring.protocol import ProtocolData, check_dataset, scoring
 from eval.state import check_writable, open_run
 from eval.tracks import make_tracks
 
@@ -54,7 +56,7 @@ def empty_dataset_message(options: dict[str, Any]) -> str:
     where = f"under dataset.root={root}" if source is None else f"in dataset.source={source}"
     return (
         f"dataset {name} (split {split}) has no images {where}: check dataset.root and "
-        f"dataset.split (the layout: README, Datasets), or fill it with python -m eval.prepare "
+        f"dataset.split (the layout: README, Datasets), or fill it with python -m eval.tools.prepare "
         f"dataset={name} dataset.root={root}"
     )
 
@@ -90,7 +92,7 @@ def make_logger(plan: RunPlan, run_id: str, rank: distributed.Rank) -> Any:
 def ledger_settings(
     plan: RunPlan, device: torch.device, dataset: Dataset
 ) -> dict[str, dict[str, Any]]:
-    """Per segmenter (by config key), the ledger's setting columns (``eval.record.settings``)."""
+    """Per segmenter (by config key), the ledger's setting columns (``eval.results.record.settings``)."""
     split_size = getattr(dataset, "split_size", None)
     return {
         s.key: record.settings(

@@ -7,7 +7,7 @@ cannot say (a positive int, one of a few names). :func:`validate` applies one to
 and turns every failure into one line naming the key and the value. The sections' schemas:
 
 * the run's own scalars (``limit``, ``batch_size``, ...): :class:`RunSettings` here;
-* ``protocol``: :class:`eval.protocol.Protocol`;
+* ``protocol``: :class:`eval.scoring.protocol.Protocol`;
 * ``dataset``: the dataset's registered schema (``eval.datasets.registry``, base classes below);
 * ``segmenter``: the segmenter's registered schema (``eval.segmenters``).
 
@@ -100,7 +100,7 @@ def check_run(cfg: DictConfig | Mapping[str, Any]) -> RunSettings:
 class DatasetSettings:
     """Keys of every ``conf/dataset/*.yaml``. ``_target_``: the loader (``build`` calls it with the
     loader options); ``title``: the name tables print; ``sources`` and ``manual_steps``: how
-    ``eval.prepare`` gets the files. Everything else configures the loader and its cache."""
+    ``eval.tools.prepare`` gets the files. Everything else configures the loader and its cache."""
 
     name: str = MISSING
     _target_: str | None = None

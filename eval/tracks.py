@@ -17,16 +17,16 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from eval import distributed
-from eval.loggers import SegmenterLogger
-from eval.metrics import HungarianIoU, running_scores
 from eval.outputs import Outputs, finish
 from eval.plan import SegmenterPlan
+from eval.results.loggers import SegmenterLogger
+from eval.scoring.metrics import HungarianIoU, running_scores
 
 
 @dataclass
 class Track:
     """One segmenter of a run: its ``plan`` (checked settings, call settings, folder),
-    ``run_id`` and ``ledger_settings`` (the setting columns of its row, ``eval.record.settings``),
+    ``run_id`` and ``ledger_settings`` (the setting columns of its row, ``eval.results.record.settings``),
     its ``metric``, the ``records`` of its finished images (index -> record) and ``logger``, its
     view of the run's logger."""
 

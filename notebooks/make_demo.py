@@ -1,7 +1,7 @@
 """Writes ``notebooks/diffseg_demo.ipynb`` (without outputs): ``python notebooks/make_demo.py``.
 
 The notebook is generated so that its source stays reviewable as Python; edit the cells here and
-re-run this script. ``tests/test_notebook.py`` executes the written notebook.
+re-run this script. ``tests/notebooks/test_notebook.py`` executes the written notebook.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 from diffseg.merge import merge_attention, proposals_to_labels
 from diffseg.pipeline import DiffSegPipeline
 from eval.datasets.synthetic import SyntheticScenes
-from eval.metrics import HungarianIoU, image_scores
-from eval.visualize import colorize
+from eval.scoring.metrics import HungarianIoU, image_scores
+from eval.results.visualize import colorize
 
 torch.manual_seed(0)
 RES = 128  # the toy model's input side; SD 1.4 uses 512
@@ -176,9 +176,9 @@ print(image_scores(labels, item["label"], scenes.n_class))""",
         "md",
         """## Scoring and the ledger
 
-`eval.metrics.HungarianIoU` matches each image's segments to classes (Hungarian) and sums the
+`eval.scoring.metrics.HungarianIoU` matches each image's segments to classes (Hungarian) and sums the
 counts over the dataset. Every `python -m eval ...` run appends one row to `outputs/ledger.csv`;
-`eval.tables` turns the ledger into the paper tables. Here we score both scenes and write a row
+`eval.report.tables` turns the ledger into the paper tables. Here we score both scenes and write a row
 with the ledger's columns into a temporary ledger (the command line does the same, e.g.
 `make demo`, or `python -m eval model=tiny_trained dataset.hard=true logger=csv`).""",
     ),
@@ -186,7 +186,7 @@ with the ledger's columns into a temporary ledger (the command line does the sam
         "code",
         """from datetime import datetime, timezone
 
-from eval import ledger as ledger_io
+from eval.results import ledger as ledger_io
 
 metric = HungarianIoU(scenes.n_class)
 for i in range(len(scenes)):
@@ -195,7 +195,7 @@ for i in range(len(scenes)):
     metric.update(pred, scene["label"][None])
 scores = metric.compute()
 
-# A few of the ledger's columns; a command-line run records every setting (eval/record.py).
+# A few of the ledger's columns; a command-line run records every setting (eval/results/record.py).
 row = {
     "run_id": "notebook-demo",
     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -218,13 +218,13 @@ print(ledger.read_text())""",
     ),
     (
         "md",
-        """The paper tables with `eval.tables`: a cell is filled only by a run whose every setting matches
+        """The paper tables with `eval.report.tables`: a cell is filled only by a run whose every setting matches
 the published one, so the toy model on synthetic scenes fills none (the cells say `not run`), and
 `explain` says why for each ledger row.""",
     ),
     (
         "code",
-        """from eval import tables
+        """from eval.report import tables
 
 rendered = tables.render_tables(ledger)
 display(Markdown(rendered["table1"][".md"]))

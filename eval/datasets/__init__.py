@@ -42,7 +42,7 @@ def build(cfg: Mapping[str, Any]) -> Dataset:
     ("raise" or "skip"), ``antialias`` (image resize, default False as the official TF2 resize),
     ``keep_size`` (no crop or resize), ``jpeg_decoder`` ("tf", default: as the official pipeline's
     ``tf.io.decode_jpeg``; "pil": Pillow, as DiffCut), and those of one dataset (the synthetic
-    dataset's ``length``, ``seed``, ``n_class``, ...). Keys for ``eval.prepare`` (``sources``,
+    dataset's ``length``, ``seed``, ``n_class``, ...). Keys for ``eval.tools.prepare`` (``sources``,
     ``manual_steps``) and ``title`` are accepted and not used here.
 
     ``cache=True`` reads the preprocessed Arrow cache under ``cache_dir`` (default

@@ -181,7 +181,7 @@ def missing_root_error(name: str, root: Path, layout: str) -> FileNotFoundError:
     """The error for an absent dataset: what should be there and the command that puts it there."""
     return FileNotFoundError(
         f"{name}: dataset not found at {root}. Expected layout:\n{layout}\n"
-        f"Get it with: python -m eval.prepare dataset={name} dataset.root={root}"
+        f"Get it with: python -m eval.tools.prepare dataset={name} dataset.root={root}"
     )
 
 

@@ -98,7 +98,7 @@ def _samples(name: str, root: Path, split: str) -> list[Sample]:
         if path is None:
             raise FileNotFoundError(
                 f"{name}: split=curated needs {lists[0]} (the 2,175-image list). Get it with: "
-                f"python -m eval.prepare dataset={name} dataset.root={root}  (or use split=full)"
+                f"python -m eval.tools.prepare dataset={name} dataset.root={root}  (or use split=full)"
             )
         ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return [Sample(i, images / f"{i}.jpg", labels / f"{i}.png") for i in ids]
