@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> float | jobs.FailedRun:
     """Returns the run's mIoU (a fraction), the objective Hydra sweepers such as Optuna read
     (a failed job of a sweep: :class:`eval.jobs.FailedRun`)."""
     from eval.preflight import check_config
-    from eval.runlock import run_lock
+    from eval.state import run_lock
 
     try:
         # A single run was checked before its folder was made (eval.preflight.Preflight); a

@@ -11,13 +11,22 @@ setting, the weights' fingerprint (``eval.results.record.weights_fingerprint``: 
 dataset's root and identity (``eval.datasets.cache.identity``: its items' ids and files' sizes
 and mtimes). A refusal changes nothing in the run folder: Hydra's ``.hydra/`` is written here,
 once the run is accepted (``hydra.output_subdir`` is null), not by Hydra at every launch.
+
+One process per run folder (:func:`run_lock`): two runs appending to one folder would each
+evaluate the images the other is doing and log them twice. The lock is ``flock`` on
+``RUN_DIR/.lock``: the OS drops it when its process ends, a kill included, so a killed run never
+leaves it stuck. The file holds the owner (pid, host, start), so a refused run can name it; a
+refusal writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,3 +183,36 @@ def open_run(
         rank.world_size,
     )
     return run_id, records if rank.is_main else {s.key: {} for s in plan.segmenters}, todo
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block; :class:`RunRefused` at once, naming the folder and
+    the other process, when another process holds it."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(
+            f"cannot write the run folder {run_dir} ({e.strerror or e}); make it writable or "
+            "choose another with hydra.run.dir=PATH"
+        ) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 1024).decode(errors="replace").strip() or "unknown process"
+            raise RunRefused(
+                f"{run_dir.resolve()} is in use by another run ({owner}); wait for it to end, or "
+                "choose another folder with hydra.run.dir=PATH"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {now()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eval.atomic import read_csv_rows
-from eval.runlock import LOCK_FILE, run_lock
 from eval.runtime import RunRefused
+from eval.state import LOCK_FILE, run_lock
 from tests import fixtures as fx
 from tests.helpers import run_module
 
