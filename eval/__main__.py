@@ -34,14 +34,22 @@ def job_failed(cfg: DictConfig, error: Exception) -> jobs.FailedRun:
     run_dir = Path(cfg.paths.output_dir).resolve()
     from eval.runtime import RunRefused  # torch is loaded by now (kept out of --help and --cfg)
 
-    # A refused run leaves the folder as it found it (it may be another process's, running).
-    record = IS_MAIN_RANK and not isinstance(error, RunRefused)
-    log = jobs.record_failure(run_dir, error, overrides) if record else None
+    # A refused run leaves the folder as it found it (it may be another process's, running); a
+    # sweep keeps the refusal in its own folder.
+    refused = isinstance(error, RunRefused)
+    log = jobs.record_failure(run_dir, error, overrides) if IS_MAIN_RANK and not refused else None
     if hydra_cfg.mode != RunMode.MULTIRUN:
         fail(error, log)
+    if IS_MAIN_RANK and refused:
+        jobs.record_refusal(hydra_cfg.sweep.dir, run_dir, hydra_cfg.job.num, error, overrides)
+    where = (
+        "refused: nothing in its folder was changed"
+        if refused
+        else f"traceback in {log or 'no log: it could not be written'}"
+    )
     print(
         f"\nError in job {hydra_cfg.job.num} ({' '.join(overrides)}): {jobs.error_text(error)}"
-        f"\n(traceback in {log or 'no log: it could not be written'}; the sweep goes on)",
+        f"\n({where}; the sweep goes on)",
         file=sys.stderr,
     )
     return jobs.FailedRun(jobs.error_text(error), str(log))

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import sys
 import traceback
 from collections.abc import Sequence
@@ -31,6 +32,9 @@ from eval.atomic import read_json_or_none, read_jsonl, write_json_atomic
 
 STATE_FILE = "run.json"
 ERROR_LOG = "error.log"
+# A sweep's refused jobs (a resume with other settings or inputs), one file each: a refusal
+# writes nothing in its run folder, so the sweep folder keeps it for the summary.
+REFUSED_DIR = ".refused"
 # A failure may only overwrite these states: a refused resume must not mark a finished (or an
 # interrupted, resumable) run as failed.
 OVERWRITABLE = (None, "running", "failed")
@@ -134,19 +138,34 @@ class FailedRun:
         return f"failed run ({self.error}; log: {self.log})"
 
 
+def record_refusal(
+    sweep_dir: Path, run_dir: Path, job_num: int, error: BaseException, overrides: Sequence[str]
+) -> None:
+    """Keep a sweep job's refusal in ``sweep_dir/.refused/`` (its run folder stays untouched),
+    for :func:`failed_jobs`."""
+    run_dir, sweep_dir = Path(run_dir).resolve(), Path(sweep_dir).resolve()
+    job = str(run_dir.relative_to(sweep_dir) if run_dir.is_relative_to(sweep_dir) else run_dir)
+    state = {"status": "refused", "job": job, "error": error_text(error), "overrides": overrides}
+    write_json_atomic(Path(sweep_dir) / REFUSED_DIR / f"{job_num}.json", state)
+
+
 def failed_jobs(sweep_dir: Path) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
-    """``(number of jobs, [(job folder relative to the sweep, its run.json)])`` for the failed
-    jobs under ``sweep_dir``, in job order."""
+    """``(number of jobs, [(job folder relative to the sweep, its state)])`` for the failed and
+    refused jobs under ``sweep_dir``, in job order (a refused job's state: its refusal, from
+    :func:`record_refusal`)."""
     states = {
-        str(path.parent.relative_to(sweep_dir)): read_json_or_none(path)
+        str(path.parent.relative_to(sweep_dir)): read_json_or_none(path) or {}
         for path in Path(sweep_dir).rglob(STATE_FILE)
     }
+    refused = [read_json_or_none(p) or {} for p in (Path(sweep_dir) / REFUSED_DIR).glob("*.json")]
+    states.update({r["job"]: r for r in refused if "job" in r})
 
     def order(name: str) -> tuple:
         return tuple(int(p) if p.isdigit() else p for p in Path(name).parts)
 
     names = sorted(states, key=order)
-    return len(states), [(n, states[n]) for n in names if states[n].get("status") == "failed"]
+    bad = ("failed", "refused")
+    return len(states), [(n, states[n]) for n in names if states[n].get("status") in bad]
 
 
 def sweep_summary(sweep_dir: Path) -> str | None:
@@ -158,12 +177,19 @@ def sweep_summary(sweep_dir: Path) -> str | None:
     for name, state in failed:
         error = state.get("error", "").splitlines()[0] if state.get("error") else "unknown error"
         lines.append(f"  job {name} ({' '.join(state.get('overrides', []))}): {error}")
-        lines.append(f"      log: {Path(sweep_dir) / name / ERROR_LOG}")
+        if state.get("status") == "refused":
+            lines.append("      refused: nothing in its folder was changed")
+        else:
+            lines.append(f"      log: {Path(sweep_dir) / name / ERROR_LOG}")
     return "\n".join(lines)
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: the failed jobs, then exit 1 (exit 0 when none failed)."""
+    """At the end of a multirun: the failed and refused jobs, then exit 1 (exit 0 when none
+    failed). The refusals listed are this launch's (an earlier launch's are cleared first)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        shutil.rmtree(Path(config.hydra.sweep.dir) / REFUSED_DIR, ignore_errors=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summary = sweep_summary(Path(config.hydra.sweep.dir))

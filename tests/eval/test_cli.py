@@ -21,6 +21,7 @@ import yaml
 
 import eval as harness
 from eval.atomic import read_csv_rows
+from eval.state import LOCK_FILE
 from tests.helpers import offline_env, run_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,6 +228,34 @@ def test_sweep_runs_every_job_and_lists_the_failed_one(tmp_path: Path) -> None:
     summary = out.stderr[out.stderr.index("1 of 2 jobs failed") :]
     assert "job 0 (dataset=voc limit=2 " in summary and "FileNotFoundError: voc" in summary
     assert str(sweep / "0" / "error.log") in summary and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_sweeps_refused_resume_is_listed_and_fails_the_sweep(tmp_path: Path) -> None:
+    # Launched again into its folder with job 1's setting changed: job 1 would resume a run made
+    # with another num_points, is refused (its folder untouched) and must not pass unseen.
+    sweep = tmp_path / "sweep"
+    common = ("-m", "dataset=synthetic", "limit=2", f"hydra.sweep.dir={sweep}", *FAST)
+    first = run_module("eval", tmp_path, *common, "segmenter.num_points=8,6")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+
+    def files() -> dict[Path, bytes]:  # but the lock's, which names its last holder
+        return {
+            p: p.read_bytes()
+            for p in (sweep / "1").rglob("*")
+            if p.is_file() and p.name != LOCK_FILE
+        }
+
+    before = files()
+    again = run_module("eval", tmp_path, *common, "segmenter.num_points=8,4")
+    assert again.returncode == 1, again.stdout[-2000:] + again.stderr[-2000:]
+    summary = again.stderr[again.stderr.index("1 of 2 jobs failed") :]
+    assert "job 1 (" in summary and "segmenter.num_points=4" in summary
+    assert "RunRefused" in summary and "nothing in its folder was changed" in summary
+    assert files() == before
+    # The next launch lists its own refusals only: with the settings of the first, none.
+    third = run_module("eval", tmp_path, *common, "segmenter.num_points=8,6")
+    assert third.returncode == 0, third.stderr[-2000:]
 
 
 @pytest.mark.slow
