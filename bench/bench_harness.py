@@ -29,17 +29,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from scipy.ndimage import maximum_filter, minimum_filter
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval import loop
+from eval import loop, tracks
+from eval.plan import SegmenterPlan
 from eval.results import visualize
 from eval.scoring import contingency
 from eval.scoring.matching import match_per_image
@@ -156,7 +157,7 @@ class OldLoop(loop.Loop):
                 "fn": fn.tolist(),
                 "total": int(total),
             }
-            if self.cfg.save_predictions:
+            if self.plan.save_predictions:
                 rec["prediction"] = f"predictions/{loop.safe_name(i, item['id'])}.png"
                 STEP["png"](visualize.save_label_png)(pred, track.run_dir / rec["prediction"])
             records.append(rec)
@@ -224,14 +225,13 @@ def measure(
     drain at the end, wall seconds)``."""
     global STEP
     STEP = Steps()
-    cfg = OmegaConf.create(
-        {
-            "batch_size": batch_size,
-            "num_workers": 0,
-            "save_predictions": save,
-            "n_qualitative": 0,
-            "dataset": {"name": "coco_like"},
-        }
+    # What the loop reads of a run's plan (eval.plan.RunPlan).
+    plan = SimpleNamespace(
+        batch_size=batch_size,
+        num_workers=0,
+        save_predictions=save,
+        n_qualitative=0,
+        dataset_name="coco_like",
     )
 
     def stand_in(pipeline, items, device, calls, batch_size, images=None):  # noqa: ANN001, ANN202
@@ -254,16 +254,19 @@ def measure(
         with (
             patched(loop, "predict", stand_in),
             patched(loop, "Writer", Timed),
-            patched(loop, "running_scores", STEP["running"](loop.running_scores)),
+            patched(tracks, "running_scores", STEP["running"](tracks.running_scores)),
             patched(HungarianIoU, "update", STEP["metric"](HungarianIoU.update)),
             patched(contingency, "pixel_counts", STEP["counts"](contingency.pixel_counts)),
             patched(loop, "score_item", STEP["record"](loop.score_item)),
             patched(loop, "tqdm", lambda *a, **k: tqdm(*a, **{**k, "disable": True})),
         ):
             # The metric wraps its update when made: made here, it wraps the timed one.
-            track = loop.Track({}, Path(tmp), HungarianIoU(N_CLASS))
+            own = SegmenterPlan("segmenter", None, {}, {}, Path(tmp))
+            track = tracks.Track(own, "bench", {}, HungarianIoU(N_CLASS))
             cls = OldLoop if path == "old" else loop.Loop
-            runner = cls(cfg, data, None, torch.device("cpu"), [track], QuietLogger())
+            runner = cls(
+                plan, data, None, torch.device("cpu"), tracks.Tracks([track]), QuietLogger()
+            )
             start = time.perf_counter()
             runner.run(list(range(len(data))))
             wall = time.perf_counter() - start
