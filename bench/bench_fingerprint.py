@@ -1,4 +1,4 @@
-"""What fingerprinting a model folder's weights costs (``eval.results.record.weights_fingerprint``): the
+"""What fingerprinting a model folder's weights costs (``eval.models.digests.weights_fingerprint``): the
 first time (every weight file's SHA-256) against later runs (the hashes read back by each file's
 size, mtime and inode, ``eval.models.digests``), on a folder of SD 1.x's layout with random bytes in
 place of the weights.
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DIFFSEG_HOME"] = tmp  # the hash record goes there
-        from eval.results.record import weights_fingerprint
+        from eval.models.digests import weights_fingerprint
 
         model = Path(tmp) / "model"
         for part, mib in (

@@ -7,7 +7,7 @@ resumed run's finished images as the new ones. It only sums integers, so the num
 those of a run that never stopped.
 
 Resuming is refused, naming what differs, unless the inputs are the same: every recorded
-setting, the weights' fingerprint (``eval.results.record.weights_fingerprint``: their content), the
+setting, the weights' fingerprint (``eval.models.digests.weights_fingerprint``: their content), the
 dataset's root and identity (``eval.datasets.cache.identity``: its items' ids and files' sizes
 and mtimes). A refusal changes nothing in the run folder: Hydra's ``.hydra/`` is written here,
 once the run is accepted (``hydra.output_subdir`` is null), not by Hydra at every launch.
@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 from eval import distributed
 from eval.atomic import read_json_or_none, write_json_atomic, write_text_atomic
 from eval.jobs import now, set_status
+from eval.models.digests import weights_fingerprint
 from eval.results import ledger as ledger_io
-from eval.results.record import weights_fingerprint
 from eval.runtime import RunError, RunRefused
 from eval.schema import NOT_SETTINGS
 

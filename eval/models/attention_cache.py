@@ -11,7 +11,7 @@ An entry written without features (before they were stored) is computed again fo
 that reads them.
 
 Key (SHA-256 of a JSON document): the model config (target, name or path, revision, dtype,
-seed) and its weights' fingerprint (``eval.results.record.weights_fingerprint``: the content hash of every
+seed) and its weights' fingerprint (``eval.models.digests.weights_fingerprint``: the content hash of every
 weight file, so weights replaced in place are another key), the device type and compute dtype, the
 storage dtype, the image's content (its float32 pixels and shape, so the dataset, its preprocessing
 and the image id are all covered), and the pass settings (``diffseg.passes.PassSettings.key``:
@@ -235,8 +235,8 @@ def context(
     model_cfg: Mapping[str, Any], device: torch.device, compute_dtype: torch.dtype
 ) -> dict[str, Any]:
     """What decides a pass besides the image and the call: the model config, its weights'
-    fingerprint (``eval.results.record.weights_fingerprint``), the device type and compute dtype."""
-    from eval.results.record import weights_fingerprint
+    fingerprint (``eval.models.digests.weights_fingerprint``), the device type and compute dtype."""
+    from eval.models.digests import weights_fingerprint
 
     return {
         "model": dict(model_cfg),

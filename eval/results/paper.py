@@ -307,7 +307,7 @@ _NOT_CUDA = ("", "cpu", "mps", "xpu")
 
 def _weights_deviations(row: Mapping[str, Any], cell: Cell) -> list[str]:
     """The weights behind the run: the published revision, and a fingerprint that says they are
-    the hub's snapshot (``eval.results.record.weights_fingerprint``: ``hub:<commit>``). A local folder
+    the hub's snapshot (``eval.models.digests.weights_fingerprint``: ``hub:<commit>``). A local folder
     (``dir:``) or no fingerprint cannot be told from other weights: never in a cell."""
     if row.get("model") != cell.model:
         return []  # another model: already listed

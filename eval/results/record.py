@@ -9,9 +9,7 @@ tables can use the column names without it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import platform
 import subprocess
 from collections.abc import Mapping
@@ -19,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from eval.models.digests import weights_fingerprint
 from eval.schema import NOT_SETTINGS
 
 VERSION_PACKAGES = ("torch", "diffusers", "transformers", "numpy", "scipy", "simplejpeg")
@@ -57,42 +56,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(model: Mapping[str, Any]) -> str:
-    """A fingerprint of the weights a model config loads, where it can be known without loading.
-
-    A local diffusers folder: a hash of every config's text and every other file's SHA-256
-    (``eval.models.digests.file_sha256``: computed once per file version, then read back by its size,
-    mtime and inode), so weights replaced in place change it. A hub id: ``hub:<commit>`` of the
-    cached snapshot (empty when it is not cached yet). A model built from its config
-    (``model=tiny``): a hash of that config.
-    """
-    from eval.models.digests import file_sha256
-
-    source = model.get("model")
-    if source is None:
-        return "config:" + _sha(json.dumps(dict(model), sort_keys=True, default=str))
-    path = Path(str(source)).expanduser()
-    if path.is_dir():
-        parts = []
-        for f in sorted(path.rglob("*")):
-            if f.is_file() and f.name.endswith((".json", ".safetensors", ".bin", ".txt")):
-                rel = f.relative_to(path).as_posix()
-                body = f.read_text(errors="replace") if f.suffix == ".json" else file_sha256(f)
-                parts.append(f"{rel}:{body}")
-        return "dir:" + _sha("\n".join(parts))
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(str(source), "model_index.json", model.get("revision"))
-    except Exception:  # an unusable cache is no provenance, not a failed run
-        return ""
-    return f"hub:{Path(cached).parent.name}" if isinstance(cached, str) else ""
 
 
 def model_dtype(model: Mapping[str, Any], device: Any) -> str:

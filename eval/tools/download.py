@@ -8,7 +8,6 @@ folder and writes a marker, so a second run does nothing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -21,19 +20,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from eval.models.digests import file_digest
+
 CHUNK = 1 << 20
 
 
 class ChecksumError(ValueError):
     """A downloaded or user-supplied file does not match its recorded size or checksum."""
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(
