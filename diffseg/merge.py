@@ -85,12 +85,13 @@ def _check_thresholds(kl_threshold: Sequence[float]) -> list[float]:
             f"e.g. (1.1, 1.1, 1.1); got {kl_threshold!r}"
         )
     values = [float(t) for t in kl_threshold]
-    bad = [t for t in values if not (math.isfinite(t) and t > 0)]
+    bad = list(dict.fromkeys(t for t in values if not (math.isfinite(t) and t > 0)))
     if not values or bad:
+        which = " and ".join(map(str, bad)) + (" is not" if len(bad) == 1 else " are not")
         raise ValueError(
             "kl_threshold must hold one or more values, every one finite and positive (one per "
             f"merging iteration, e.g. [1.1, 1.1, 1.1]); got {list(kl_threshold)}"
-            + (f", where {', '.join(map(str, bad))} is not" if bad else "")
+            + (f", where {which}" if bad else "")
         )
     return values
 

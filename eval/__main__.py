@@ -104,6 +104,12 @@ def start_distributed() -> None:
 
 
 if __name__ == "__main__":
+    from eval.preflight import check_override_keys
+
+    try:
+        check_override_keys(sys.argv[1:])
+    except ValueError as e:
+        fail(e)
     start_distributed()
     try:
         main()

@@ -13,6 +13,7 @@ torchmetrics, which come with ``eval.run`` once the checks pass.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,27 @@ def check_keys(cfg: DictConfig) -> None:
             f"unknown setting(s) {extra} (added with +KEY=...); conf/config.yaml's settings are "
             f"{sorted(known)}: check the spelling (python -m eval --cfg job lists them all)"
         )
+
+
+def check_override_keys(args: list[str]) -> None:
+    """Command-line overrides of a top-level key :func:`config_keys` does not know, before Hydra
+    reads them: Hydra's answer to ``bach_size=2`` is to append it with ``+``, which adds the typo.
+    Keys that are config groups (``experiment``) are left to Hydra, as are flags and their
+    values and ``+``/``~`` overrides (:func:`check_keys` checks the added keys)."""
+    known = config_keys()
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if "=" not in arg or arg.startswith(("-", "+", "~")) or "@" in key:
+            continue
+        top = key.split(".")[0]
+        if top not in known | groups | {"hydra"}:
+            close = difflib.get_close_matches(top, sorted(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(
+                f"unknown setting {top!r} in {arg}: {hint}conf/config.yaml's settings are "
+                f"{sorted(known)} (python -m eval --cfg job lists them all)"
+            )
 
 
 def check_home() -> None:

@@ -134,13 +134,26 @@ def open_run_state(
 
 
 def resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``KEY: OLD (run) vs NEW (now)`` for each pinned value that differs (a value of
-    ``LEARNT_ON_RESUME`` the run did not know, "", is learnt, not a difference)."""
+    """``KEY: OLD (run) vs NEW (now)`` for each pinned value that differs, nested settings by
+    their dotted key (``segmenter.num_points: 16 (run) vs 8 (now)``); a value of
+    ``LEARNT_ON_RESUME`` the run did not know, "", is learnt, not a difference."""
+    old, new = flatten(old), flatten(new)
     return [
         f"{k}: {old.get(k)!r} (run) vs {new.get(k)!r} (now)"
         for k in sorted(set(old) | set(new))
         if old.get(k) != new.get(k) and not (k in LEARNT_ON_RESUME and old.get(k) == "")
     ]
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys (lists and other values kept whole)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def write_hydra_files(run_dir: Path, config: Mapping[str, Any] | None) -> None:

@@ -16,7 +16,10 @@ from hydra.errors import InstantiationException
 
 from diffseg.loading import ModelLoadError
 
-HYDRA_FIX = "on the command line: the Hydra override `model.model=/path/to/local/copy`"
+HYDRA_FIX = (
+    "on the command line: the Hydra override `model.model=/path/to/local/copy` (to try the "
+    "harness offline meanwhile: `model=tiny_trained`, the toy model shipped in models/)"
+)
 
 
 def load_model(model_cfg: Mapping[str, Any], device: torch.device) -> Any:

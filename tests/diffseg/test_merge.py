@@ -240,6 +240,11 @@ def test_kmeans_empty_cluster_is_dropped():
         (-torch.rand(1, 4, 4, 4, 4), {}, "negative"),
         (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": (1.1, 0.0)}, "positive"),
         (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": (-1.0,)}, "positive"),
+        (
+            torch.rand(1, 4, 4, 4, 4),
+            {"kl_threshold": (-1, -1, 0)},
+            r"where -1\.0 and 0\.0 are not$",
+        ),
         (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": ()}, "one or more values"),
         (torch.rand(1, 4, 4, 4, 4), {"kl_threshold": 1.1}, "sequence"),
         (torch.rand(1, 4, 4, 4, 4), {"num_points": 1}, "num_points"),

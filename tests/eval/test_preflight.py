@@ -26,6 +26,12 @@ def imported(stderr: str) -> set[str]:
     [
         ("batch_size=0", "batch_size must be a positive integer, got 0"),
         ("+bach_size=2", "unknown setting(s) ['bach_size']"),
+        # Without +: refused before Hydra, whose answer would be to append it with +.
+        ("bach_size=2", "unknown setting 'bach_size' in bach_size=2: did you mean batch_size?"),
+        (
+            "modle.dtype=float16",
+            "unknown setting 'modle' in modle.dtype=float16: did you mean model?",
+        ),
     ],
 )
 def test_a_config_mistake_is_one_line_before_the_model_stack_and_leaves_no_folder(

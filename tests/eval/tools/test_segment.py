@@ -86,6 +86,21 @@ def test_model_input_pads_by_default_and_crops_as_the_benchmarks_on_request() ->
     assert none is None and torch.equal(cropped, preprocess_image(pixels, 64))
 
 
+def test_a_model_brings_its_tuned_threshold_to_segment_too() -> None:
+    # As in python -m eval: model=tiny_trained segments with its own KL scale unless one is set.
+    from hydra import compose, initialize_config_dir
+
+    from eval import CONFIG_DIR
+
+    def kl(*overrides: str) -> list[float]:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return list(compose("segment", overrides=list(overrides)).segmenter.kl_threshold)
+
+    assert kl("model=tiny_trained") == [0.02] * 3
+    assert kl("model=tiny_trained", "segmenter.kl_threshold=[0.5,0.5,0.5]") == [0.5] * 3
+    assert kl() == kl("model=tiny") == [1.1] * 3
+
+
 def test_split_argv_separates_paths_from_hydra_arguments(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("a=b.png").write_bytes(b"")  # a file whose name looks like an override is still a path
