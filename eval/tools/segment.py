@@ -26,12 +26,14 @@ skipped with a warning and listed at the end, and the command succeeds if any im
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from eval import CONFIG_DIR
@@ -183,7 +185,6 @@ def segment_images(
         ``(image path, number of segments)`` per segmented image.
     """
     import torch
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from eval.datasets.base import read_image
@@ -242,6 +243,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         segment_images(cfg, _images, _named)
     except Exception as e:
+        # A failure before any image was written (no model, a bad setting) leaves no folder
+        # holding Hydra's records alone (.hydra/, the job's log); pictures written are kept.
+        hydra_cfg = HydraConfig.get()
+        out_dir = Path(hydra_cfg.runtime.output_dir)
+        own = {".hydra", f"{hydra_cfg.job.name}.log"}
+        if out_dir.is_dir() and all(p.name in own for p in out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
         fail(e)
 
 

@@ -163,6 +163,16 @@ def test_unreadable_images_skipped_in_folders_refused_when_named(tmp_path: Path,
         readable_images([folder / "b.jpg"], named=())
 
 
+@pytest.mark.slow
+def test_a_model_that_cannot_load_leaves_no_run_folder(tmp_path: Path) -> None:
+    _scene(tmp_path / "a.png", (32, 32), seed=0)
+    out = run_module("eval.tools.segment", tmp_path, "a.png", f"model.model={tmp_path / 'none'}")
+    assert out.returncode == 1 and "model=tiny_trained" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "outputs" / "segment").exists() or not any(
+        (tmp_path / "outputs" / "segment").iterdir()
+    )
+
+
 def test_non_image_argument_is_refused_before_the_model_loads(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     # sd14 is not available offline: had the model loaded first, the error would be about it.
