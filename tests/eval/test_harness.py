@@ -327,7 +327,7 @@ def test_run_state_pins_settings(tmp_path: Path) -> None:
     pinned = {"seed": 0, "segmenter": {"num_points": 16}}
     first = open_run_state(tmp_path, pinned)
     assert open_run_state(tmp_path, pinned)["run_id"] == first["run_id"]
-    with pytest.raises(RunError, match=r"segmenter: \{'num_points': 16\} \(run\) vs"):
+    with pytest.raises(RunError, match=r"segmenter\.num_points: 16 \(run\) vs 8 \(now\)"):
         open_run_state(tmp_path, {"seed": 0, "segmenter": {"num_points": 8}})
 
 
